@@ -1,0 +1,99 @@
+"""Multi-head causal self-attention with a hand-written backward, plus the KV-cache path for decoding.
+
+Shapes follow the legend in rgpt/layers.py (B, T, C, H, D).
+"""
+
+import math
+
+import torch
+
+from rgpt.layers import Layer, Linear
+
+
+class KVCache:
+    """Keys and values of every position decoded so far, for one layer: (B, H, T_max, D) each."""
+
+    def __init__(self, batch, n_head, max_len, head_size, *, device, dtype):
+        self.k = torch.zeros(batch, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # positions [0, length) are filled
+
+    def reorder(self, index):
+        """Keep rows `index` of the batch (beam search reorders hypotheses after each step)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class CausalSelfAttention(Layer):
+    """softmax(Q K^T / sqrt(D) + mask) V over H heads, then an output projection."""
+
+    def __init__(self, n_embd, n_head, block_size, *, std, proj_std, device, dtype):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head = n_head
+        self.c_attn = Linear(n_embd, 3 * n_embd, std=std, device=device, dtype=dtype)  # [q | k | v]
+        self.c_proj = Linear(n_embd, n_embd, std=proj_std, device=device, dtype=dtype)
+        # True above the diagonal: position t may not look at s > t
+        self.future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
+
+    def sublayers(self):
+        return {"c_attn": self.c_attn, "c_proj": self.c_proj}
+
+    def _heads(self, qkv):  # (B, T, 3C) -> three (B, H, T, D)
+        B, T, C3 = qkv.shape
+        qkv = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head))
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+
+    def forward(self, x, key_padding_mask=None):
+        """x: (B, T, C); key_padding_mask: optional (B, T) bool, True where the key is padding."""
+        B, T, C = x.shape
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)  # (B, H, T, T)
+        mask = self.future[:T, :T]
+        if key_padding_mask is not None:
+            mask = mask | key_padding_mask[:, None, None, :]  # (B, 1, T, T)
+        scores.masked_fill_(mask, float("-inf"))
+        att = torch.softmax(scores, dim=-1)  # (B, H, T, T)
+        if key_padding_mask is not None:
+            att.nan_to_num_(0.0)  # a row whose keys are all masked is all -inf: its output is zeros, not NaN
+        y = torch.matmul(att, v)  # (B, H, T, D)
+        self.cache = (q, k, v, att, scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.c_proj.forward(y)
+
+    def backward(self, dout):  # dout: (B, T, C)
+        q, k, v, att, scale = self.cache
+        B, H, T, D = q.shape
+        dy = self.c_proj.backward(dout).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        # y = att @ v
+        datt = torch.matmul(dy, v.transpose(-2, -1))  # (B, H, T, T)
+        dv = torch.matmul(att.transpose(-2, -1), dy)  # (B, H, T, D)
+        # att = softmax(scores): dscores = att * (datt - sum(att * datt)); masked entries have att == 0
+        dscores = datt.sub_((att * datt).sum(-1, keepdim=True)).mul_(att)
+        # scores = q @ k^T * scale
+        dq = torch.matmul(dscores, k).mul_(scale)  # (B, H, T, D)
+        dk = torch.matmul(dscores.transpose(-2, -1), q).mul_(scale)  # (B, H, T, D)
+        dqkv = torch.stack((dq, dk, dv), dim=0)  # (3, B, H, T, D)
+        dqkv = dqkv.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)  # (B, T, 3C), inverse of _heads
+        self.cache = None
+        return self.c_attn.backward(dqkv)
+
+    def forward_cached(self, x, cache: KVCache):
+        """Inference only: x (B, T_new, C) holds the positions after the cache's; appends their k, v."""
+        B, T, C = x.shape
+        start = cache.length
+        w, b = self.c_attn.params["weight"], self.c_attn.params["bias"]
+        q, k, v = self._heads(torch.addmm(b, x.reshape(B * T, C), w.t()).view(B, T, 3 * C))
+        cache.k[:, :, start : start + T] = k
+        cache.v[:, :, start : start + T] = v
+        cache.length = end = start + T
+        scores = torch.matmul(q, cache.k[:, :, :end].transpose(-2, -1)) / math.sqrt(
+            q.shape[-1]
+        )  # (B,H,T,end)
+        scores.masked_fill_(self.future[start:end, :end], float("-inf"))  # new rows of the causal mask
+        y = torch.matmul(torch.softmax(scores, dim=-1), cache.v[:, :, :end])  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B * T, C)
+        wp, bp = self.c_proj.params["weight"], self.c_proj.params["bias"]
+        return torch.addmm(bp, y, wp.t()).view(B, T, C)

@@ -1,0 +1,181 @@
+"""The building blocks of the transformer, each a forward/backward pair written by hand.
+
+Dimension legend used in every shape comment of the package:
+    B batch, T time (sequence), C channels (n_embd), V vocabulary, H heads, D head size (C // H),
+    F feed-forward hidden size (n_hidden), N number of target tokens in a batch.
+
+Conventions (after llm.c):
+- ``forward`` keeps in ``self.cache`` only what ``backward`` needs, and ``backward`` sets it back to None,
+  so a second backward without a forward fails loudly.
+- ``backward(dout)`` returns the gradient w.r.t. the input and ADDS into ``self.grads`` (never assigns),
+  so gradients of several micro-batches accumulate until the caller zeroes them.
+- ``self.params`` / ``self.grads`` are dicts with the same keys; the model may rebind their values to
+  views of one flat buffer, so layers always look parameters up through the dicts.
+No autograd anywhere: every gradient below is derived by hand and checked against torch.autograd in tests.
+"""
+
+import math
+
+import torch
+
+
+class Layer:
+    """Base class: named parameters and their gradient accumulators."""
+
+    def __init__(self):
+        self.params: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.cache = None
+
+    def add_param(self, name: str, value: torch.Tensor) -> None:
+        self.params[name] = value
+        self.grads[name] = torch.zeros_like(value)
+
+
+class Linear(Layer):
+    """y = x @ W.T + b, with W of shape (out, in) as in torch.nn.Linear (so nanoGPT weights load by name)."""
+
+    def __init__(self, n_in, n_out, *, std, device, dtype, bias=True):
+        super().__init__()
+        self.add_param("weight", torch.randn(n_out, n_in, device=device, dtype=dtype) * std)
+        if bias:
+            self.add_param("bias", torch.zeros(n_out, device=device, dtype=dtype))
+
+    def forward(self, x):  # x: (..., in)
+        w, b = self.params["weight"], self.params.get("bias")
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = product of the leading dims
+        y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()  # (M, out)
+        self.cache = x2
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    def backward(self, dy):  # dy: (..., out)
+        x2 = self.cache
+        w = self.params["weight"]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        self.grads["weight"].addmm_(dy2.t(), x2)  # dW += dy^T x    (out, in)
+        if "bias" in self.grads:
+            self.grads["bias"] += dy2.sum(0)
+        dx = dy2 @ w  # (M, in)
+        self.cache = None
+        return dx.view(*dy.shape[:-1], w.shape[1])
+
+
+class Embedding(Layer):
+    """Token embedding: out[b, t] = W[idx[b, t]]."""
+
+    def __init__(self, n_vocab, n_embd, *, std, device, dtype):
+        super().__init__()
+        self.add_param("weight", torch.randn(n_vocab, n_embd, device=device, dtype=dtype) * std)
+
+    def forward(self, idx):  # idx: (B, T) long
+        self.cache = idx
+        return self.params["weight"][idx]  # (B, T, C)
+
+    def backward(self, dout):  # dout: (B, T, C)
+        idx = self.cache
+        # a scatter-add: a token id that occurs several times receives the sum of its rows' gradients
+        self.grads["weight"].index_add_(0, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+        self.cache = None
+
+
+def sinusoidal_positions(n_pos, n_embd, *, device, dtype):
+    """PE[pos, 2i] = sin(pos / 10000^(2i/C)), PE[pos, 2i+1] = cos(pos / 10000^(2i/C)); a fixed (n_pos, C) table."""
+    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)  # (n_pos, 1)
+    two_i = torch.arange(0, n_embd, 2, dtype=torch.float64)  # (C/2,) the even channel indices 2i
+    angle = pos / torch.pow(10000.0, two_i / n_embd)  # (n_pos, C/2)
+    pe = torch.zeros(n_pos, n_embd, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : n_embd // 2])  # an odd C has one more sin than cos column
+    return pe.to(device=device, dtype=dtype)
+
+
+class LayerNorm(Layer):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last dim."""
+
+    def __init__(self, n_embd, *, device, dtype, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.add_param("weight", torch.ones(n_embd, device=device, dtype=dtype))
+        self.add_param("bias", torch.zeros(n_embd, device=device, dtype=dtype))
+
+    def forward(self, x):  # x: (B, T, C)
+        var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)  # (B, T, 1) each
+        rstd = (var + self.eps).rsqrt()
+        xhat = (x - mean) * rstd
+        self.cache = (xhat, rstd)  # xhat is reused twice below; recomputing it costs more than it saves
+        return torch.addcmul(self.params["bias"], xhat, self.params["weight"])
+
+    def backward(self, dy):
+        xhat, rstd = self.cache
+        self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
+        self.grads["bias"] += dy.flatten(0, -2).sum(0)
+        g = dy * self.params["weight"]  # dL/dxhat
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)): the three paths through x, mean and var
+        dx = g - g.mean(-1, keepdim=True)
+        dx.addcmul_(xhat, (g * xhat).mean(-1, keepdim=True), value=-1.0).mul_(rstd)
+        self.cache = None
+        return dx
+
+
+class Dropout(Layer):
+    """Inverted dropout: y = x * mask / (1 - p) in training, identity in eval; masks come from `generator`."""
+
+    def __init__(self, p, generator):
+        super().__init__()
+        self.p = p
+        self.generator = generator
+        self.training = True
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self.cache = None
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        mask = keep.div_(1.0 - self.p)  # 0 or 1/(1-p): the scale is folded into the mask
+        self.cache = mask
+        return x * mask
+
+    def backward(self, dy):
+        mask, self.cache = self.cache, None
+        return dy if mask is None else dy * mask
+
+
+class MLP(Layer):
+    """Position-wise feed-forward: c_fc -> activation -> c_proj (ReLU as in the reference; GELU selectable)."""
+
+    def __init__(self, n_embd, n_hidden, *, activation, std, proj_std, device, dtype):
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.activation = activation
+        self.c_fc = Linear(n_embd, n_hidden, std=std, device=device, dtype=dtype)
+        self.c_proj = Linear(n_hidden, n_embd, std=proj_std, device=device, dtype=dtype)
+
+    def sublayers(self):
+        return {"c_fc": self.c_fc, "c_proj": self.c_proj}
+
+    def forward(self, x):  # x: (B, T, C)
+        h = self.c_fc.forward(x)  # (B, T, F)
+        if self.activation == "relu":
+            a = torch.relu(h)
+            self.cache = a  # relu'(h) = (a > 0): the output alone suffices
+        else:
+            a = h * _phi_cdf(h)  # exact GELU: h * Phi(h)
+            self.cache = h
+        return self.c_proj.forward(a)
+
+    def backward(self, dy):
+        da = self.c_proj.backward(dy)  # (B, T, F)
+        if self.activation == "relu":
+            dh = da * (self.cache > 0)
+        else:
+            h = self.cache
+            # d/dh [h * Phi(h)] = Phi(h) + h * phi(h), phi the standard normal density
+            dh = da * (_phi_cdf(h) + h * torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi)))
+        self.cache = None
+        return self.c_fc.backward(dh)
+
+
+def _phi_cdf(x):
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))

@@ -1,0 +1,181 @@
+"""The GPT: token embedding + sinusoidal positions, Pre-LN blocks, final LayerNorm, output projection.
+
+All parameters live in one flat buffer (and all gradients in another); each layer's ``params`` / ``grads``
+entries are views into them. The optimizer, gradient clipping and the distributed all-reduce then work on
+one tensor instead of dozens. Names follow nanoGPT (``wte.weight``, ``h.0.attn.c_attn.weight``, ...).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from rgpt.attention import CausalSelfAttention, KVCache
+from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
+from rgpt.loss import CrossEntropy
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_embd: int = 512  # the reference's documented model
+    n_head: int = 8
+    n_layer: int = 4
+    n_hidden: int = 1024  # feed-forward width
+    block_size: int = 256  # context window in tokens
+    dropout: float = 0.1
+    activation: str = "relu"  # "relu" as in the reference, or "gelu"
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Block:
+    """Pre-LN transformer block: x = x + drop(attn(ln_1(x))); x = x + drop(mlp(ln_2(x)))."""
+
+    def __init__(self, cfg: GPTConfig, generator, *, device, dtype):
+        std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections scaled by depth
+        kw = dict(device=device, dtype=dtype)
+        self.ln_1 = LayerNorm(cfg.n_embd, **kw)
+        self.attn = CausalSelfAttention(
+            cfg.n_embd, cfg.n_head, cfg.block_size, std=std, proj_std=proj_std, **kw
+        )
+        self.drop_1 = Dropout(cfg.dropout, generator)
+        self.ln_2 = LayerNorm(cfg.n_embd, **kw)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, activation=cfg.activation, std=std, proj_std=proj_std, **kw)
+        self.drop_2 = Dropout(cfg.dropout, generator)
+
+    def sublayers(self):
+        return {"ln_1": self.ln_1, "attn": self.attn, "ln_2": self.ln_2, "mlp": self.mlp}
+
+    def forward(self, x):  # x: (B, T, C)
+        x = x + self.drop_1.forward(self.attn.forward(self.ln_1.forward(x)))
+        return x + self.drop_2.forward(self.mlp.forward(self.ln_2.forward(x)))
+
+    def backward(self, dy):  # the forward read from the bottom up; the residuals pass dy through unchanged
+        dx = dy + self.ln_2.backward(self.mlp.backward(self.drop_2.backward(dy)))
+        return dx + self.ln_1.backward(self.attn.backward(self.drop_1.backward(dx)))
+
+    def forward_cached(self, x, cache):  # inference: no dropout, nothing kept for backward
+        a = self.ln_1.forward(x)
+        x = x + self.attn.forward_cached(a, cache)
+        return x + self.mlp.forward(self.ln_2.forward(x))
+
+
+def _walk(prefix, layer):
+    """Yield (dotted name, layer) for a layer and all its sublayers, depth first."""
+    yield prefix, layer
+    for name, sub in getattr(layer, "sublayers", dict)().items():
+        yield from _walk(f"{prefix}.{name}", sub)
+
+
+class GPT:
+    """A GPT whose every gradient is written by hand. Initialised from torch's global RNG."""
+
+    def __init__(self, cfg: GPTConfig, device="cpu", dtype=torch.float32):
+        self.config = cfg
+        self.device, self.dtype = torch.device(device), dtype
+        kw = dict(device=self.device, dtype=dtype)
+        # dropout masks come from a private generator seeded from the global RNG: reproducible from the
+        # seed, and its state can be checkpointed without touching anyone else's random stream
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+        # tokens get the same per-channel energy as the sinusoids (RMS sqrt(1/2)), so neither drowns the other
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, std=math.sqrt(0.5), **kw)
+        self.wpe = sinusoidal_positions(cfg.block_size, cfg.n_embd, **kw)  # (T_max, C), fixed, not learned
+        self.h = [Block(cfg, self.generator, **kw) for _ in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg.n_embd, **kw)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, **kw)
+        self.criterion = CrossEntropy()
+        self._flatten()
+        self.training = True
+
+    # ---- parameters -------------------------------------------------------------------------------
+    def _named_layers(self):
+        yield from _walk("wte", self.wte)
+        for i, block in enumerate(self.h):
+            yield from _walk(f"h.{i}", block)
+        yield from _walk("ln_f", self.ln_f)
+        yield from _walk("lm_head", self.lm_head)
+
+    def _flatten(self):
+        """Move every parameter into one flat buffer and every gradient into another (views, same names)."""
+        owned = [
+            (f"{p}.{k}", layer, k) for p, layer in self._named_layers() for k in getattr(layer, "params", {})
+        ]
+        total = sum(layer.params[k].numel() for _, layer, k in owned)
+        self.flat_params = torch.empty(total, device=self.device, dtype=self.dtype)
+        self.flat_grads = torch.zeros(total, device=self.device, dtype=self.dtype)
+        self.params, self.grads, self.slices = {}, {}, {}
+        offset = 0
+        for name, layer, k in owned:
+            p = layer.params[k]
+            end = offset + p.numel()
+            view = self.flat_params[offset:end].view(p.shape)
+            view.copy_(p)
+            layer.params[k] = self.params[name] = view
+            layer.grads[k] = self.grads[name] = self.flat_grads[offset:end].view(p.shape)
+            self.slices[name] = (offset, end)
+            offset = end
+
+    def num_params(self, non_embedding=False):
+        n = self.flat_params.numel()
+        return n - self.params["wte.weight"].numel() if non_embedding else n
+
+    def zero_grad(self):
+        self.flat_grads.zero_()
+
+    def train(self):
+        self._set_mode(True)
+
+    def eval(self):
+        self._set_mode(False)
+
+    def _set_mode(self, training):
+        self.training = training
+        for block in self.h:
+            block.drop_1.training = block.drop_2.training = training
+
+    # ---- training: forward and backward --------------------------------------------------------
+    def forward(self, idx, targets=None):
+        """idx (B, T) long -> logits (B, T, V); with targets (B, T), the mean NLL over targets != -100."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.wte.forward(idx) + self.wpe[:T]  # (B, T, C)
+        for block in self.h:
+            x = block.forward(x)
+        logits = self.lm_head.forward(self.ln_f.forward(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return self.criterion.forward(logits, targets)
+
+    def backward(self, scale=1.0):
+        """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets)."""
+        dx = self.ln_f.backward(self.lm_head.backward(self.criterion.backward(scale)))  # (B, T, C)
+        for block in reversed(self.h):
+            dx = block.backward(dx)
+        self.wte.backward(dx)  # the positional table is fixed: nothing to accumulate there
+
+    # ---- inference with a KV cache ----------------------------------------------------------------
+    def new_kv_caches(self, batch, max_len=None):
+        cfg = self.config
+        max_len = max_len or cfg.block_size
+        return [
+            KVCache(
+                batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head, device=self.device, dtype=self.dtype
+            )
+            for _ in range(cfg.n_layer)
+        ]
+
+    def forward_cached(self, idx, caches):
+        """Logits (B, T_new, V) for tokens idx that follow what the caches hold; the caches grow by T_new."""
+        start, T = caches[0].length, idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"KV cache overflow: {start} + {T} > block_size {self.config.block_size}")
+        x = self.params["wte.weight"][idx] + self.wpe[start : start + T]  # (B, T, C)
+        for block, cache in zip(self.h, caches):
+            x = block.forward_cached(x, cache)
+        x = self.ln_f.forward(x)  # (the layers' caches are left for the next forward to overwrite)
+        w, b = self.params["lm_head.weight"], self.params["lm_head.bias"]
+        return torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t()).view(*idx.shape, -1)

@@ -1,0 +1,108 @@
+"""Adam (with optional decoupled weight decay) and global-norm gradient clipping, by hand.
+
+Both work on the model's flat parameter and gradient buffers, so a step is a handful of whole-buffer ops
+instead of a Python loop over dozens of small tensors.
+"""
+
+import math
+
+import torch
+
+
+def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale `grad` in place so its global L2 norm is at most max_norm; return the norm before clipping.
+
+    Same rule as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when < 1.
+    The norm stays a tensor (no host sync); a non-finite norm leaves grad untouched for the caller to judge.
+    """
+    norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
+    coef = (max_norm / (norm + 1e-6)).clamp_max(1.0)
+    grad.mul_(torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).to(grad.dtype))
+    return norm
+
+
+class Adam:
+    """Adam with bias correction; weight_decay > 0 makes it AdamW (decoupled), applied to `decay` names only.
+
+    params/grads: the model's name -> view dicts; flat_params/flat_grads: the buffers those views share.
+    frozen: names that must not move (their gradients and first moments are zeroed before every step).
+    """
+
+    def __init__(
+        self,
+        params,
+        grads,
+        flat_params,
+        flat_grads,
+        *,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decay=(),
+        frozen=(),
+    ):
+        self.params, self.grads = params, grads
+        self.flat_params, self.flat_grads = flat_params, flat_grads
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        # Adam state is kept in float32 at least, even when the weights it updates are lower precision
+        state_dtype = torch.promote_types(flat_params.dtype, torch.float32)
+        self.m = torch.zeros(flat_params.numel(), device=flat_params.device, dtype=state_dtype)
+        self.v = torch.zeros_like(self.m)
+        self._denom = torch.empty_like(self.m)  # scratch, reused every step
+        self.t = 0
+        self.decay = [params[n] for n in decay]
+        self.frozen = list(frozen)
+        self._offsets = {}
+        base = flat_params.data_ptr()
+        for name, p in params.items():
+            start = (p.data_ptr() - base) // p.element_size()
+            self._offsets[name] = (start, start + p.numel())
+
+    def _state_view(self, buf, name):
+        start, end = self._offsets[name]
+        return buf[start:end].view(self.params[name].shape)
+
+    def step(self, lr: float):
+        for name in self.frozen:  # gradients still flowed *through* these weights; they just do not move
+            self.grads[name].zero_()
+            self._state_view(self.m, name).zero_()
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        g = self.flat_grads.to(self.m.dtype)
+        self.m.lerp_(g, 1.0 - b1)  # m = b1 m + (1 - b1) g
+        self.v.mul_(b2).addcmul_(g, g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2
+        bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        if self.weight_decay and self.decay:
+            torch._foreach_mul_(self.decay, 1.0 - lr * self.weight_decay)  # p -= lr * wd * p, before the step
+        # p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bias1 and v_hat = v / bias2
+        torch.sqrt(self.v, out=self._denom).div_(math.sqrt(bias2)).add_(self.eps)
+        if self.flat_params.dtype == self.m.dtype:
+            self.flat_params.addcdiv_(self.m, self._denom, value=-lr / bias1)
+        else:
+            self.flat_params.add_((self.m / self._denom).mul_(-lr / bias1).to(self.flat_params.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors by name (safetensors-friendly): step, and m/v per parameter."""
+        out = {"step": torch.tensor(self.t, dtype=torch.int64)}
+        for name in self.params:
+            out[f"m.{name}"] = self._state_view(self.m, name)
+            out[f"v.{name}"] = self._state_view(self.v, name)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {"step"} | {f"{k}.{n}" for n in self.params for k in ("m", "v")}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise ValueError(
+                f"optimizer state does not match the model (missing {missing}, unexpected {extra})"
+            )
+        self.t = int(state["step"])
+        for name in self.params:
+            for key, buf in (("m", self.m), ("v", self.v)):
+                src, dst = state[f"{key}.{name}"], self._state_view(buf, name)
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"optimizer state {key}.{name} has shape {tuple(src.shape)}, want {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)

@@ -1,0 +1,209 @@
+"""Each layer: forward against torch.nn.functional, backward against torch.autograd, in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgpt.attention import CausalSelfAttention
+from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
+from rgpt.loss import CrossEntropy
+from tests.helpers import assert_close, autograd_grads
+
+DT = torch.float64
+KW = dict(device="cpu", dtype=DT)
+
+
+def randomise(layer):
+    """Non-trivial parameters: ones/zeros (e.g. LayerNorm's defaults) would hide bugs."""
+    for name, p in layer.params.items():
+        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name == "weight" and p.dim() == 1 else 0.0))
+    for sub in getattr(layer, "sublayers", dict)().values():
+        randomise(sub)
+
+
+def test_linear():
+    lin = Linear(5, 7, std=0.3, **KW)
+    randomise(lin)
+    x, dy = torch.randn(3, 4, 5, dtype=DT), torch.randn(3, 4, 7, dtype=DT)
+    w, b = lin.params["weight"], lin.params["bias"]
+    y = lin.forward(x)
+    assert_close(y, F.linear(x, w, b), "linear forward")
+    dx = lin.backward(dy)
+    _, (rdx, rdw, rdb) = autograd_grads(F.linear, [x, w, b], dy)
+    assert_close(dx, rdx, "linear dx")
+    assert_close(lin.grads["weight"], rdw, "linear dW")
+    assert_close(lin.grads["bias"], rdb, "linear db")
+
+
+def test_gradients_accumulate_not_assign():
+    lin = Linear(4, 3, std=0.3, **KW)
+    x, dy = torch.randn(2, 4, dtype=DT), torch.randn(2, 3, dtype=DT)
+    lin.forward(x)
+    lin.backward(dy)
+    once = lin.grads["weight"].clone()
+    lin.forward(x)
+    lin.backward(dy)
+    assert_close(lin.grads["weight"], 2 * once, "two backward passes without zeroing")
+
+
+def test_backward_twice_fails_loudly():
+    ln = LayerNorm(4, **KW)
+    ln.forward(torch.randn(2, 3, 4, dtype=DT))
+    ln.backward(torch.randn(2, 3, 4, dtype=DT))
+    with pytest.raises(TypeError):
+        ln.backward(torch.randn(2, 3, 4, dtype=DT))
+
+
+def test_embedding_repeated_ids_accumulate():
+    emb = Embedding(6, 4, std=1.0, **KW)
+    idx = torch.tensor([[1, 3, 1, 1], [5, 3, 0, 1]])  # id 1 four times, id 3 twice, id 2/4 never
+    dout = torch.randn(2, 4, 4, dtype=DT)
+    out = emb.forward(idx)
+    assert_close(out, F.embedding(idx, emb.params["weight"]), "embedding forward")
+    emb.backward(dout)
+    _, (rdw,) = autograd_grads(lambda w: F.embedding(idx, w), [emb.params["weight"]], dout)
+    assert_close(emb.grads["weight"], rdw, "embedding dW")
+    assert emb.grads["weight"][2].abs().sum() == 0 and emb.grads["weight"][4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n_embd", [8, 9])
+def test_sinusoidal_positions_standard_formula(n_embd):
+    pe = sinusoidal_positions(50, n_embd, **KW)
+    for pos in (0, 1, 7, 49):
+        for i in range(n_embd):
+            angle = pos / 10000 ** ((i - i % 2) / n_embd)  # 2i for even and odd channel alike
+            want = math.sin(angle) if i % 2 == 0 else math.cos(angle)
+            assert abs(pe[pos, i].item() - want) < 1e-12, f"PE[{pos}, {i}] = {pe[pos, i].item()}, want {want}"
+
+
+def test_layernorm():
+    ln = LayerNorm(6, **KW)
+    randomise(ln)
+    x, dy = torch.randn(2, 5, 6, dtype=DT) * 3 + 1, torch.randn(2, 5, 6, dtype=DT)
+    w, b = ln.params["weight"], ln.params["bias"]
+    ref = lambda x, w, b: F.layer_norm(x, (6,), w, b, eps=1e-5)  # noqa: E731
+    assert_close(ln.forward(x), ref(x, w, b), "layernorm forward")
+    dx = ln.backward(dy)
+    _, (rdx, rdw, rdb) = autograd_grads(ref, [x, w, b], dy)
+    assert_close(dx, rdx, "layernorm dx")
+    assert_close(ln.grads["weight"], rdw, "layernorm dgamma")
+    assert_close(ln.grads["bias"], rdb, "layernorm dbeta")
+
+
+def test_dropout_fixed_mask_and_modes():
+    gen = torch.Generator().manual_seed(7)
+    drop = Dropout(0.25, gen)
+    x, dy = torch.randn(4, 8, 16, dtype=DT), torch.randn(4, 8, 16, dtype=DT)
+    y = drop.forward(x)
+    mask = drop.cache.clone()  # the mask actually used; the reference multiplies by the same one
+    assert set(mask.unique().tolist()) <= {0.0, 1 / 0.75}
+    assert 0.15 < (mask == 0).double().mean() < 0.35
+    assert_close(y, x * mask, "dropout forward")
+    _, (rdx,) = autograd_grads(lambda x: x * mask, [x], dy)
+    assert_close(drop.backward(dy), rdx, "dropout dx")
+    # reproducible from the seed
+    drop2 = Dropout(0.25, torch.Generator().manual_seed(7))
+    assert torch.equal(drop2.forward(x), y)
+    # identity in eval mode
+    drop.training = False
+    assert drop.forward(x) is x and drop.backward(dy) is dy
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp(activation):
+    mlp = MLP(6, 10, activation=activation, std=0.5, proj_std=0.5, **KW)
+    randomise(mlp)
+    x, dy = torch.randn(2, 3, 6, dtype=DT), torch.randn(2, 3, 6, dtype=DT)
+    fc, pr = mlp.c_fc.params, mlp.c_proj.params
+    act = F.relu if activation == "relu" else F.gelu
+
+    def ref(x, w1, b1, w2, b2):
+        return F.linear(act(F.linear(x, w1, b1)), w2, b2)
+
+    inputs = [x, fc["weight"], fc["bias"], pr["weight"], pr["bias"]]
+    assert_close(mlp.forward(x), ref(*inputs), f"mlp[{activation}] forward")
+    dx = mlp.backward(dy)
+    _, (rdx, rw1, rb1, rw2, rb2) = autograd_grads(ref, inputs, dy)
+    assert_close(dx, rdx, "mlp dx")
+    assert_close(mlp.c_fc.grads["weight"], rw1, "mlp c_fc dW")
+    assert_close(mlp.c_fc.grads["bias"], rb1, "mlp c_fc db")
+    assert_close(mlp.c_proj.grads["weight"], rw2, "mlp c_proj dW")
+    assert_close(mlp.c_proj.grads["bias"], rb2, "mlp c_proj db")
+
+
+def _ref_attention(n_head, key_padding_mask):
+    def ref(x, wa, ba, wp, bp):
+        B, T, C = x.shape
+        q, k, v = F.linear(x, wa, ba).split(C, dim=2)
+        q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        if key_padding_mask is not None:
+            mask = mask | key_padding_mask[:, None, None, :]
+        att = (q @ k.transpose(-2, -1) / math.sqrt(C // n_head)).masked_fill(mask, float("-inf")).softmax(-1)
+        att = torch.where(torch.isnan(att), torch.zeros_like(att), att)
+        return F.linear((att @ v).transpose(1, 2).reshape(B, T, C), wp, bp)
+
+    return ref
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention(padded):
+    B, T, C, H = 3, 5, 8, 2
+    attn = CausalSelfAttention(C, H, 16, std=0.5, proj_std=0.5, **KW)
+    randomise(attn)
+    x, dy = torch.randn(B, T, C, dtype=DT), torch.randn(B, T, C, dtype=DT)
+    # row 1 has left padding (its first query sees only padding: a fully masked row); row 2 right padding
+    kpm = (
+        torch.tensor([[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+        if padded
+        else None
+    )
+    a, p = attn.c_attn.params, attn.c_proj.params
+    inputs = [x, a["weight"], a["bias"], p["weight"], p["bias"]]
+    ref = _ref_attention(H, kpm)
+    y = attn.forward(x, key_padding_mask=kpm)
+    assert torch.isfinite(y).all(), "attention output has NaN/inf"
+    assert_close(y, ref(*inputs), "attention forward")
+    if not padded:  # and against torch's own fused kernel
+        q, k, v = F.linear(x, a["weight"], a["bias"]).split(C, 2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        assert_close(y, F.linear(sdpa, p["weight"], p["bias"]), "attention forward vs SDPA")
+    else:  # the fully masked query (row 1, position 0) attends to nothing: only the projection bias remains
+        assert_close(y[1, 0], p["bias"], "fully masked row")
+    dx = attn.backward(dy)
+    assert torch.isfinite(dx).all()
+    _, (rdx, rwa, rba, rwp, rbp) = autograd_grads(ref, inputs, dy)
+    assert_close(dx, rdx, "attention dx")
+    assert_close(attn.c_attn.grads["weight"], rwa, "attention c_attn dW")
+    assert_close(attn.c_attn.grads["bias"], rba, "attention c_attn db")
+    assert_close(attn.c_proj.grads["weight"], rwp, "attention c_proj dW")
+    assert_close(attn.c_proj.grads["bias"], rbp, "attention c_proj db")
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_cross_entropy_with_ignore_index(scale):
+    logits = torch.randn(2, 4, 11, dtype=DT) * 4
+    targets = torch.tensor([[3, -100, 10, 3], [0, 5, -100, -100]])
+    ce = CrossEntropy()
+    loss = ce.forward(logits.clone(), targets)  # backward reuses the logits' memory, hence the clone
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert_close(loss, ref, "cross-entropy forward")
+    dlogits = ce.backward(scale)
+    _, (rd,) = autograd_grads(
+        lambda z: F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-100), [logits], scale
+    )
+    assert_close(dlogits, rd, "cross-entropy dlogits")
+    assert (dlogits[0, 1] == 0).all() and (dlogits[1, 2:] == 0).all(), (
+        "ignored positions must get zero gradient"
+    )
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    logits = torch.tensor([[[1e4, 0.0, -1e4]]], dtype=torch.float32)
+    ce = CrossEntropy()
+    loss = ce.forward(logits.clone(), torch.tensor([[1]]))
+    assert torch.isfinite(loss) and abs(loss.item() - 1e4) < 1e-2
+    assert torch.isfinite(ce.backward()).all()
