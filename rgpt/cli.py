@@ -1,0 +1,93 @@
+"""What the entry points (train, chat, eval) share: user errors as one line, device choice, quiet Hydra."""
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+
+class ConfigError(Exception):
+    """A bad configuration value; the message names the key."""
+
+
+def user_errors():
+    """Exceptions that are the user's to fix: reported as one line, never as a traceback."""
+    from rgpt.checkpoint import CheckpointError
+    from rgpt.data import CorpusError
+
+    return (ConfigError, CorpusError, CheckpointError)
+
+
+def friendly(main):
+    """Decorate an entry point: user errors -> 'error: …' on stderr and exit 1; Ctrl-C -> exit 130."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a torch.device that exists on this machine, or ConfigError."""
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={spec}: CUDA is not available on this machine (use device=cpu or device=auto)"
+            )
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", index)
+    raise ConfigError(f"device={spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+
+
+def _check_group_choices(argv) -> None:
+    """`stage=foo` / `model=foo` naming no file in conf/<group>/: one line now, not Hydra's page of help."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = CONF_DIR / key
+        if sep and group.is_dir() and "/" not in key:
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            if value not in options:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+
+
+def hydra_main(config_name: str):
+    """hydra.main over the repository's conf/, with the `${corpus:NAME}` resolver and one-line errors."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("corpus"):
+        OmegaConf.register_new_resolver("corpus", lambda name: str(CORPUS_DIR / name))
+
+    def decorate(fn):
+        task = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
+            friendly(fn)
+        )
+
+        @functools.wraps(fn)
+        def entry():
+            friendly(_check_group_choices)(sys.argv[1:])
+            task()
+
+        return entry
+
+    return decorate

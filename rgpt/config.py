@@ -1,0 +1,240 @@
+"""A training run's settings as plain dataclasses, validated once at start-up.
+
+The entry point turns Hydra's composed config into a dict and calls `RunConfig.from_dict`; nothing below
+sees an omegaconf object. Every bad value is a ConfigError whose one-line message names the key.
+"""
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from rgpt.cli import ConfigError
+
+STAGES = ("pretrain", "sft")
+
+
+def _pick(cls, d: dict, prefix: str):
+    """Build dataclass `cls` from dict d, refusing unknown keys and coercing numbers to the declared type."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in d.items():
+        want = known[name].type
+        try:
+            if want in ("int", int) and value is not None and not isinstance(value, bool):
+                if float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif want in ("float", float) and value is not None and not isinstance(value, bool):
+                value = float(value)
+            elif want in ("int | None", "float | None") and value is not None:
+                value = int(float(value)) if want.startswith("int") else float(value)
+            elif want in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{prefix}{name}={value!r} is not a {want.split(' ')[0]}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, value, why: str):
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class ModelSettings:
+    name: str = "base"
+    n_embd: int = 512
+    n_head: int = 8
+    n_layer: int = 4
+    n_hidden: int = 1024
+    block_size: int = 256
+    dropout: float = 0.1
+    activation: str = "relu"
+
+    def validate(self):
+        for key in ("n_embd", "n_head", "n_layer", "n_hidden", "block_size"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be a positive integer")
+        _check(
+            self.n_embd % self.n_head == 0, "model.n_head", self.n_head, f"must divide n_embd={self.n_embd}"
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(
+            self.activation in ("relu", "gelu"), "model.activation", self.activation, "must be relu or gelu"
+        )
+
+
+@dataclass
+class TrainSettings:
+    max_epochs: int = 500
+    max_steps: "int | None" = None
+    max_minutes: "float | None" = None
+    batch_size: int = 16
+    grad_accum: int = 4
+    lr: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    cycle_steps: int = 500
+    cycle_mult: float = 2.0
+    min_lr_ratio: float = 0.1
+    decay: float = 0.95
+    clip_norm: float = 5.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    patience: int = 30
+    min_delta: float = 0.0
+    monitor: str = "val_loss"
+    freeze_attn: bool = False
+    max_bad_steps: int = 5
+
+    def validate(self):
+        for key in ("max_epochs", "batch_size", "grad_accum", "cycle_steps", "patience", "max_bad_steps"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be at least 1")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            "train.max_steps",
+            self.max_steps,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.max_minutes is None or self.max_minutes > 0,
+            "train.max_minutes",
+            self.max_minutes,
+            "must be > 0",
+        )
+        _check(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.cycle_mult >= 1, "train.cycle_mult", self.cycle_mult, "must be >= 1")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(0 < self.decay <= 1, "train.decay", self.decay, "must be in (0, 1]")
+        _check(self.clip_norm > 0, "train.clip_norm", self.clip_norm, "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        for key in ("beta1", "beta2"):
+            _check(0 <= getattr(self, key) < 1, f"train.{key}", getattr(self, key), "must be in [0, 1)")
+        _check(self.eps > 0, "train.eps", self.eps, "must be positive")
+        _check(self.min_delta >= 0, "train.min_delta", self.min_delta, "must be >= 0")
+        schedules = ("cosine", "exponential", "constant")
+        _check(
+            self.schedule in schedules,
+            "train.schedule",
+            self.schedule,
+            f"must be one of {', '.join(schedules)}",
+        )
+        monitors = ("val_loss", "train_loss")
+        _check(
+            self.monitor in monitors, "train.monitor", self.monitor, f"must be one of {', '.join(monitors)}"
+        )
+
+
+@dataclass
+class DataSettings:
+    files: list = field(default_factory=list)
+    val_files: list = field(default_factory=list)
+    val_fraction: float = 0.05
+    assistant_only_loss: bool = True
+    cache_dir: str = "outputs/.cache"
+
+    def validate(self):
+        _check(len(self.files) > 0, "data.files", self.files, "lists no corpus file or directory")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class TokenizerSettings:
+    files: dict = field(default_factory=dict)
+    min_freq: int = 2
+    max_size: int = 20000
+    hmm: bool = False
+
+    def validate(self):
+        _check(
+            set(self.files) <= set(STAGES), "tokenizer.files", sorted(self.files), "keys must be pretrain/sft"
+        )
+        _check(self.min_freq >= 1, "tokenizer.min_freq", self.min_freq, "must be at least 1")
+        _check(self.max_size >= 16, "tokenizer.max_size", self.max_size, "must be at least 16")
+
+
+@dataclass
+class CheckpointSettings:
+    strategy: str = "best_and_last"
+    keep_best: int = 3
+    every: int = 10
+    keep: int = 5
+
+    def validate(self):
+        strategies = ("best_and_last", "periodic", "none")
+        _check(
+            self.strategy in strategies,
+            "checkpoint.strategy",
+            self.strategy,
+            f"must be one of {', '.join(strategies)}",
+        )
+        for key in ("keep_best", "every", "keep"):
+            _check(getattr(self, key) >= 1, f"checkpoint.{key}", getattr(self, key), "must be at least 1")
+
+
+@dataclass
+class MonitorSettings:
+    progress: bool = True
+    sample_prompt: str = "山脉是如何形成的？"
+    sample_tokens: int = 40
+
+
+@dataclass
+class RunConfig:
+    stage: str
+    model: ModelSettings
+    train: TrainSettings
+    data: DataSettings
+    tokenizer: TokenizerSettings
+    checkpoint: CheckpointSettings
+    monitor: MonitorSettings
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 1337
+    run_name: str = "default"
+    out_dir: str = "outputs"
+    resume: bool = False
+    resume_from: "str | None" = None
+    threads: "int | None" = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.stage / self.run_name
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d.pop("hydra", None)
+        groups = {
+            "model": ModelSettings,
+            "train": TrainSettings,
+            "data": DataSettings,
+            "tokenizer": TokenizerSettings,
+            "checkpoint": CheckpointSettings,
+            "monitor": MonitorSettings,
+        }
+        parts = {}
+        for key, sub in groups.items():
+            value = d.pop(key, None) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a group of settings, got {value!r}")
+            parts[key] = _pick(sub, value, f"{key}.")
+        _check(d.get("stage") in STAGES, "stage", d.get("stage"), f"must be one of {', '.join(STAGES)}")
+        cfg = _pick(cls, {**d, **parts}, "")
+        for part in parts.values():
+            if hasattr(part, "validate"):
+                part.validate()
+        _check(cfg.precision in ("fp32", "bf16"), "precision", cfg.precision, "must be fp32 or bf16")
+        _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1 or null")
+        _check(
+            bool(str(cfg.run_name).strip()) and "/" not in str(cfg.run_name),
+            "run_name",
+            cfg.run_name,
+            "must be a plain name",
+        )
+        return cfg

@@ -1,0 +1,123 @@
+"""Where a run starts from: scratch, its own last checkpoint (exact resume), or another stage's weights.
+
+Returns a plain `Start` record; the trainer never has to know which of the cases it is in beyond it.
+"""
+
+import base64
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rgpt import checkpoint as ckpt
+from rgpt.checkpoint import CheckpointError
+from rgpt.config import RunConfig
+from rgpt.data import build_tokenizer
+from rgpt.model import GPT, GPTConfig
+from rgpt.tokenizer import Tokenizer
+
+
+@dataclass
+class Start:
+    model: GPT
+    tokenizer: Tokenizer
+    source: Path | None  # checkpoint the weights came from, if any
+    state: dict | None  # its state.json when this is an exact resume of the same stage, else None
+
+
+def _model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
+    settings = {k: v for k, v in vars(cfg.model).items() if k != "name"}
+    return GPTConfig(vocab_size=vocab_size, **settings)
+
+
+def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log) -> Start:
+    meta = ckpt.read_state(path)
+    arch = dict(meta["model_config"])
+    wanted = _model_config(cfg, arch["vocab_size"]).to_dict()
+    if {k: v for k, v in arch.items() if k != "dropout"} != {
+        k: v for k, v in wanted.items() if k != "dropout"
+    }:
+        diff = ", ".join(f"{k}={arch[k]} (config {wanted[k]})" for k in arch if arch[k] != wanted.get(k))
+        log(f"notice: using the checkpoint's architecture: {diff}")
+    arch["dropout"] = cfg.model.dropout  # regularisation is the run's choice, not the checkpoint's
+    model = GPT(GPTConfig(**arch), device=device, dtype=dtype)
+    ckpt.load_weights(model, path)
+    tok = Tokenizer.load(path / ckpt.VOCAB)
+    if exact and ckpt.OPTIM not in meta["files"]:
+        raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be resumed exactly")
+    return Start(model, tok, path, meta if exact else None)
+
+
+def _set_aside(run_dir: Path, log) -> None:
+    """A fresh run in a directory with old checkpoints: keep them (renamed) rather than mixing two runs."""
+    old = run_dir / "checkpoints"
+    if old.is_dir() and any(old.iterdir()):
+        dest = run_dir / f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(str(old), str(dest))
+        log(f"notice: this run starts fresh; the previous checkpoints were moved to {dest}")
+
+
+def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
+    run_ckpts = cfg.run_dir / "checkpoints"
+    if cfg.resume_from:
+        path = Path(cfg.resume_from)
+        meta = ckpt.read_state(path)
+        exact = meta.get("stage") == cfg.stage and ckpt.OPTIM in meta["files"]
+        log(f"{'resuming' if exact else 'starting from the weights of'} {path}")
+        return _from_checkpoint(cfg, path, device, dtype, exact, log)
+    if cfg.resume:
+        path = ckpt.find(run_ckpts, "last", warn=log)
+        if path is None:  # no intact `last`: the newest intact checkpoint of any kind
+            candidates = [
+                p for kind in ("epoch", "best", "final") if (p := ckpt.find(run_ckpts, kind, warn=log))
+            ]
+            path = max(candidates, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+            if path is not None:
+                log(f"notice: no intact `last` checkpoint; resuming from the newest intact one, {path}")
+        if path is not None:
+            log(f"resuming {path}")
+            return _from_checkpoint(cfg, path, device, dtype, True, log)
+        if cfg.stage == "sft":
+            pre = cfg.run_dir.parent.parent / "pretrain" / cfg.run_name / "checkpoints"
+            best = ckpt.find(pre, "best", warn=log) or ckpt.find(pre, "final", warn=log)
+            if best is None:
+                raise CheckpointError(
+                    f"nothing to start sft from: no checkpoint in {run_ckpts} nor a pretrained model in {pre}; "
+                    f"run `python -m rgpt.train stage=pretrain` first"
+                )
+            log(
+                f"starting instruction tuning from the pretrained model {best} (fresh optimizer and schedule)"
+            )
+            return _from_checkpoint(cfg, best, device, dtype, False, log)
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint in {run_ckpts}; run without resume=true to start"
+        )
+    _set_aside(cfg.run_dir, log)
+    t = cfg.tokenizer
+    tok = build_tokenizer(t.files, t.min_freq, t.max_size, t.hmm, cfg.data.cache_dir, log=log)
+    return Start(GPT(_model_config(cfg, tok.vocab_size), device=device, dtype=dtype), tok, None, None)
+
+
+# ---- random number generator states, as JSON-safe strings ------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state(model) -> dict:
+    out = {"torch": _b64(torch.get_rng_state()), "dropout": _b64(model.generator.get_state())}
+    if model.device.type == "cuda":
+        out["cuda"] = _b64(torch.cuda.get_rng_state(model.device))
+    return out
+
+
+def set_rng_state(model, state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    model.generator.set_state(_unb64(state["dropout"]))
+    if "cuda" in state and model.device.type == "cuda":
+        torch.cuda.set_rng_state(_unb64(state["cuda"]), model.device)

@@ -1,0 +1,386 @@
+"""The training loop: epochs of bucketed batches, token-weighted accumulation, clipping, Adam, validation,
+early stopping with rollback, checkpoints, exact resume, and clean stops on Ctrl-C / SIGTERM.
+
+A step takes `grad_accum` micro-batches from the epoch's fixed order. Under torch.distributed each rank
+computes its share of those micro-batches and the gradients are summed, so a step is the same whatever
+the number of processes, and a run can resume with a different one.
+"""
+
+import math
+import signal
+import time
+
+import torch
+
+from rgpt import checkpoint as ckpt
+from rgpt.config import RunConfig
+from rgpt.data import Batcher, DataConfig, prepare
+from rgpt.distributed import Dist
+from rgpt.monitor import Monitor, Timers, format_seconds, peak_memory_mb
+from rgpt.optim import Adam, clip_grad_norm_
+from rgpt.schedule import learning_rate
+from rgpt.startup import resolve_start, rng_state, set_rng_state
+from rgpt.tokenizer import EOS_ID, PAD_ID
+
+
+class Stop(Exception):
+    """Training cannot go on (e.g. too many non-finite steps); the message says why."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, device, dist: Dist | None = None, log=print):
+        self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        torch.manual_seed(cfg.seed)
+        start = resolve_start(cfg, device, torch.float32, log=self.log)
+        self.model, self.tok, self.source = start.model, start.tokenizer, start.source
+        m = self.model
+        data_cfg = DataConfig(
+            files=list(cfg.data.files),
+            kind=cfg.stage,
+            val_fraction=cfg.data.val_fraction,
+            val_files=list(cfg.data.val_files),
+            assistant_only_loss=cfg.data.assistant_only_loss,
+        )
+        self.train_set, self.val_set = self.dist.first_then_rest(
+            lambda: prepare(data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, log=self.log)
+        )
+        pin = device.type == "cuda"
+        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
+        self.val_batches = Batcher(
+            self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
+        )
+        t = cfg.train
+        decay = [n for n, p in m.params.items() if p.dim() >= 2] if t.weight_decay else []
+        frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
+        self.opt = Adam(
+            m.params,
+            m.grads,
+            m.flat_params,
+            m.flat_grads,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            decay=decay,
+            frozen=frozen,
+        )
+        # where the run stands; all of it goes into every checkpoint's state.json
+        self.epoch, self.pos, self.step = 0, 0, 0  # pos: micro-batches of `epoch` already consumed
+        self.best, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
+        self.ep_loss, self.ep_tokens, self.tokens = (
+            0.0,
+            0,
+            0,
+        )  # this epoch's loss sum/tokens; tokens ever seen
+        self.history = []  # per-epoch summaries
+        if start.state is not None:
+            self._restore(start.state, start.source)
+        self.best_params = m.flat_params.clone() if math.isfinite(self.best) else None
+        self.timers = Timers(device)
+        self.stop_reason = None
+        self._signal = None
+
+    # ---- resume -------------------------------------------------------------------------------------
+    def _restore(self, st: dict, path):
+        self.opt.load_state_dict(ckpt.load_tensors(path, ckpt.OPTIM, device=self.device))
+        self.epoch, self.pos, self.step = st["epoch"], st["pos"], st["step"]
+        self.best, self.bad_epochs = st["best"], st["bad_epochs"]
+        self.elapsed, self.history = st["elapsed"], st["history"]
+        self.ep_loss, self.ep_tokens, self.tokens = st["ep_loss"], st["ep_tokens"], st["tokens"]
+        set_rng_state(self.model, st["rng"])
+        self.log(f"resumed at epoch {self.epoch + 1}, batch {self.pos}, step {self.step}")
+
+    def _state(self, **extra) -> dict:
+        return {
+            "stage": self.cfg.stage,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "step": self.step,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "monitor": self.cfg.train.monitor,
+            "elapsed": self.elapsed,
+            "ep_loss": self.ep_loss,
+            "ep_tokens": self.ep_tokens,
+            "tokens": self.tokens,
+            "history": self.history,
+            "lr": self.lr(),
+            "rng": rng_state(self.model),
+            "world_size": self.dist.world,
+            "data_files": [str(f) for f in self.cfg.data.files],
+            **extra,
+        }
+
+    def lr(self) -> float:
+        return learning_rate(self.cfg.train, self.step, self.epoch)
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self, group) -> tuple[float, float, int]:
+        """Forward/backward this rank's share of the micro-batches in `group`, then one Adam step.
+
+        Returns (loss, grad norm, tokens): the token-weighted mean loss of the whole group across ranks.
+        """
+        m, timers = self.model, self.timers
+        n_total = sum(b.n_tokens for b in group)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        m.zero_grad()
+        for b in group[self.dist.rank :: self.dist.world]:
+            with timers("data"):
+                b = b.to(self.device)
+            with timers("forward"):
+                loss = m.forward(b.idx, b.targets)
+            with timers("backward"):
+                m.backward(
+                    scale=b.n_tokens / n_total
+                )  # token-weighted: the group's mean, not a mean of means
+            loss_sum += loss.double() * b.n_tokens
+        with timers("optimizer"):
+            self.dist.all_reduce_sum(m.flat_grads, loss_sum)
+            norm = clip_grad_norm_(m.flat_grads, self.cfg.train.clip_norm)
+            loss_value, norm_value = (loss_sum / n_total).item(), norm.item()  # the one host sync per step
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
+                self.opt.step(self.lr())
+            self.step += 1
+        return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
+
+    def validate(self) -> float:
+        """Token-weighted mean loss over the validation split (reduced across ranks)."""
+        m = self.model
+        m.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (nll sum, tokens)
+        with self.timers("validation"):
+            for i, b in enumerate(self.val_batches.epoch(0)):
+                if i % self.dist.world != self.dist.rank:
+                    continue
+                b = b.to(self.device)
+                total[0] += m.forward(b.idx, b.targets).double() * b.n_tokens
+                total[1] += b.n_tokens
+            self.dist.all_reduce_sum(total)
+        m.train()
+        return (total[0] / total[1]).item()
+
+    def sample(self) -> str:
+        """Greedy continuation of the configured prompt: a glimpse of what the model has learned."""
+        mon = self.cfg.monitor
+        ids = (
+            self.tok.encode_prompt([("user", mon.sample_prompt)])
+            if self.cfg.stage == "sft"
+            else self.tok.encode_pretrain(mon.sample_prompt)[:-1]
+        )
+        m = self.model
+        ids = ids[-(m.config.block_size - mon.sample_tokens) :]
+        m.eval()
+        caches = m.new_kv_caches(1, len(ids) + mon.sample_tokens)
+        logits = m.forward_cached(torch.tensor([ids], device=self.device), caches)
+        out = []
+        for _ in range(mon.sample_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt == EOS_ID:
+                break
+            out.append(nxt)
+            logits = m.forward_cached(torch.tensor([[nxt]], device=self.device), caches)
+        m.train()
+        return mon.sample_prompt + " → " + self.tok.decode(out)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, kind: str, **extra):
+        if not self.dist.is_main or self.cfg.checkpoint.strategy == "none":
+            return None
+        with self.timers("checkpoint"):
+            path = ckpt.save(
+                self.cfg.run_dir / "checkpoints",
+                kind,
+                self.step,
+                self.model,
+                self.tok,
+                self._state(**extra),
+                optimizer=self.opt,
+            )
+            c = self.cfg.checkpoint
+            if kind == "best":
+                ckpt.prune(path.parent, "best", c.keep_best)
+            elif kind == "last":
+                ckpt.prune(path.parent, "last", 1)
+            elif kind == "epoch":
+                ckpt.prune(path.parent, "epoch", c.keep)
+        return path
+
+    # ---- the run ---------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second Ctrl-C: stop right now
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.log(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving `last`")
+
+    def _out_of_budget(self, t0) -> str | None:
+        t = self.cfg.train
+        if t.max_steps is not None and self.step >= t.max_steps:
+            return f"reached max_steps={t.max_steps}"
+        if t.max_minutes is not None and self.elapsed + time.perf_counter() - t0 >= 60 * t.max_minutes:
+            return f"reached max_minutes={t.max_minutes}"
+        return None
+
+    def run(self) -> dict:
+        cfg, t, m = self.cfg, self.cfg.train, self.model
+        self.monitor = Monitor(
+            cfg.run_dir,
+            enabled=self.dist.is_main,
+            progress=cfg.monitor.progress,
+            purge_step=self.step,
+            log=self.log,
+        )
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        t0, bad_in_a_row, tokens_done, first_step = time.perf_counter(), 0, 0, self.step
+        per_epoch = -(-len(self.batches) // t.grad_accum)  # optimizer steps per epoch
+        total_steps = min(t.max_steps or 1 << 62, t.max_epochs * per_epoch)
+        self.log(
+            f"{cfg.stage}: {m.num_params():,} parameters, {len(self.train_set)} training / "
+            f"{len(self.val_set)} validation windows, {len(self.batches)} micro-batches per epoch, "
+            f"{per_epoch} steps per epoch, device {self.device}"
+        )
+        m.train()
+        try:
+            while self.epoch < t.max_epochs and self.stop_reason is None:
+                self.stop_reason = self._out_of_budget(t0)
+                if self.stop_reason:
+                    break
+                self.monitor.start_epoch(self.epoch, len(self.batches), self.pos)
+                group = []
+                it = self.batches.epoch(self.epoch, start=self.pos)
+                while True:
+                    with self.timers("data"):
+                        b = next(it, None)
+                    if b is not None:
+                        group.append(b)
+                        if len(group) < t.grad_accum:
+                            continue
+                    if not group:
+                        break
+                    loss, norm, ntok = self.train_step(group)
+                    self.pos += len(group)
+                    if not (math.isfinite(loss) and math.isfinite(norm)):
+                        bad_in_a_row += 1
+                        self.log(f"warning: non-finite loss/gradient at step {self.step} (update skipped)")
+                        if bad_in_a_row >= t.max_bad_steps:
+                            raise Stop(
+                                f"{bad_in_a_row} non-finite steps in a row; stopping (try a lower train.lr)"
+                            )
+                    else:
+                        bad_in_a_row = 0
+                        self.ep_loss += loss * sum(g.n_tokens for g in group)
+                        self.ep_tokens += sum(g.n_tokens for g in group)
+                    tokens_done += ntok
+                    self.tokens += ntok
+                    group = []
+                    spent = time.perf_counter() - t0
+                    rate = tokens_done / max(spent, 1e-9)
+                    eta = (total_steps - self.step) * spent / max(1, self.step - first_step)  # an upper bound
+                    self.monitor.scalars(
+                        self.step,
+                        {
+                            "train/loss": loss,
+                            "train/ppl": math.exp(min(loss, 50)),
+                            "train/lr": self.lr(),
+                            "train/grad_norm": norm,
+                            "train/tokens_per_sec": rate,
+                            "train/eta_sec": eta,
+                        },
+                    )
+                    self.monitor.update(
+                        t.grad_accum,
+                        loss=f"{loss:.3f}",
+                        ppl=f"{math.exp(min(loss, 50)):.1f}",
+                        lr=f"{self.lr():.2e}",
+                        gnorm=f"{norm:.2f}",
+                        tok_s=f"{rate:.0f}",
+                        eta=format_seconds(eta),
+                    )
+                    self.stop_reason = self._out_of_budget(t0)
+                    if self._signal is not None or self.stop_reason:
+                        break
+                if self._signal is not None:
+                    break
+                self._end_epoch(self.ep_loss / max(self.ep_tokens, 1), t0)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self._finish(t0)
+
+    def _end_epoch(self, train_loss: float, t0: float) -> None:
+        """Validate, log, checkpoint, and decide about early stopping; the epoch is then complete."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        val_loss = self.validate()
+        value = val_loss if t.monitor == "val_loss" else train_loss
+        improved = math.isfinite(value) and value < self.best - t.min_delta
+        if improved:
+            self.best, self.bad_epochs = value, 0
+            self.best_params = self.model.flat_params.clone()
+        else:
+            self.bad_epochs += 1
+        self.history.append(
+            {
+                "epoch": self.epoch + 1,
+                "step": self.step,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": self.lr(),
+            }
+        )
+        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+        self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
+        if self.dist.is_main:
+            self.monitor.text("sample", self.sample(), self.step)
+        self.epoch, self.pos, self.ep_loss, self.ep_tokens = self.epoch + 1, 0, 0.0, 0
+        elapsed = self.elapsed + time.perf_counter() - t0
+        self.monitor.end_epoch(
+            f"epoch {self.epoch:3d} | step {self.step:6d} | train loss {train_loss:.4f} ppl {math.exp(min(train_loss, 50)):8.2f} "
+            f"| val loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50)):8.2f} | lr {self.lr():.2e} "
+            f"| {format_seconds(elapsed)}{'  *best*' if improved else ''}"
+        )
+        if c.strategy == "best_and_last":
+            self.save("last")
+            if improved:
+                self.save("best", monitor_value=value)
+        elif c.strategy == "periodic" and self.epoch % c.every == 0:
+            self.save("epoch")
+        if self.bad_epochs >= t.patience:
+            self.stop_reason = f"early stopping: {t.monitor} did not improve for {t.patience} epochs"
+
+    def _finish(self, t0: float) -> dict:
+        m, cfg = self.model, self.cfg
+        self.elapsed += time.perf_counter() - t0
+        self.monitor.close()
+        if self._signal is not None:  # Ctrl-C / SIGTERM: keep exactly where we are
+            path = self.save("last")
+            self.log(
+                f"stopped by {signal.Signals(self._signal).name}; "
+                + (f"saved {path}; continue with resume=true" if path else "no checkpoint (strategy none)")
+            )
+            return {"interrupted": True, "checkpoint": str(path) if path else None}
+        reason = self.stop_reason or f"reached max_epochs={cfg.train.max_epochs}"
+        if (
+            self.stop_reason
+            and self.stop_reason.startswith("early stopping")
+            and self.best_params is not None
+        ):
+            m.flat_params.copy_(self.best_params)  # roll back to the best model before the final save
+            reason += f"; rolled back to the best model ({cfg.train.monitor} {self.best:.4f})"
+        path = self.save("final")
+        self.log(f"done: {reason}.")
+        self._report()
+        return {
+            "interrupted": False,
+            "reason": reason,
+            "best": self.best,
+            "checkpoint": str(path) if path else None,
+            "history": self.history,
+            "step": self.step,
+        }
+
+    def _report(self) -> None:
+        total = self.timers.total
+        rows = "  ".join(f"{k} {v:.1f}s" for k, v in sorted(total.items(), key=lambda kv: -kv[1]))
+        self.log(
+            f"time: {rows} | total {format_seconds(self.elapsed)} | peak memory "
+            f"{peak_memory_mb(self.device):.0f} MB | {self.tokens / max(self.elapsed, 1e-9):.0f} tokens/s"
+        )
