@@ -1,0 +1,85 @@
+"""Batches of windows: length-bucketed, padded to the batch's longest window, in an order fixed by (seed, epoch)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rgpt.data.dataset import TokenSet
+from rgpt.tokenizer import PAD_ID
+
+IGNORE = -100  # target value that the loss skips (torch's cross-entropy ignore_index)
+BUCKET_GROUPS = 50  # batches per length-sorted group: padding stays small, order stays random
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor  # (B, T) input ids, PAD_ID after each window's end
+    targets: torch.Tensor  # (B, T) next ids, IGNORE on padding and on positions not learned
+    n_tokens: int  # targets != IGNORE: this micro-batch's weight in a token-weighted loss
+
+    def to(self, device) -> "Batch":
+        """The batch on ``device``; the copy is asynchronous when the tensors are in pinned memory."""
+        nb = self.idx.is_pinned()
+        return Batch(
+            self.idx.to(device, non_blocking=nb), self.targets.to(device, non_blocking=nb), self.n_tokens
+        )
+
+
+def collate(windows: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+    """Stack (ids, loss mask) windows: idx = ids[:-1], targets = ids[1:] where the mask learns them."""
+    T = max(len(ids) for ids, _ in windows) - 1
+    idx = torch.full((len(windows), T), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(windows), T), IGNORE, dtype=torch.long)
+    for row, (ids, mask) in enumerate(windows):
+        n = len(ids) - 1
+        idx[row, :n] = ids[:-1]
+        targets[row, :n] = ids[1:].masked_fill(~mask[1:], IGNORE)
+    return Batch(idx, targets, int((targets != IGNORE).sum()))
+
+
+class Batcher:
+    """Batches of a TokenSet, the same ones in the same order for the same (seed, epoch).
+
+    Bucketing: shuffle, cut into groups of BUCKET_GROUPS batches, sort each group by length, cut it into
+    batches, shuffle the batches. ``pin_memory`` (for training on cuda) lets Batch.to copy asynchronously.
+    """
+
+    def __init__(
+        self,
+        ds: TokenSet,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        bucket: bool = True,
+        pin_memory: bool = False,
+    ):
+        self.ds, self.batch_size, self.seed = ds, batch_size, seed
+        self.shuffle, self.bucket, self.pin_memory = shuffle, bucket, pin_memory
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch_size)
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        """Window indices of every batch of the epoch, in order."""
+        B = self.batch_size
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.ds)) if self.shuffle else np.arange(len(self.ds))
+        if not self.bucket:
+            return [perm[i : i + B] for i in range(0, len(perm), B)]
+        lengths, batches = self.ds.lengths, []
+        for g in range(0, len(perm), BUCKET_GROUPS * B):
+            group = perm[g : g + BUCKET_GROUPS * B]
+            group = group[np.argsort(-lengths[group], kind="stable")]
+            batches += [group[i : i + B] for i in range(0, len(group), B)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches of ``epoch`` from the ``start``-th on (resuming after ``start`` batches replays the rest exactly)."""
+        for indices in self.order(epoch)[start:]:
+            batch = collate([self.ds.get(int(i)) for i in indices])
+            if self.pin_memory:
+                batch = Batch(batch.idx.pin_memory(), batch.targets.pin_memory(), batch.n_tokens)
+            yield batch

@@ -1,0 +1,260 @@
+"""Tokenized, cached token sets: corpus files → fixed-length windows of ids on disk, memory-mapped.
+
+Every pretraining document becomes ``<bos> text <eos>``, every dialogue its chat template. A sequence
+of more than block_size+1 tokens is cut into consecutive windows of block_size+1 tokens overlapping
+by one token, so each token after the first is a target exactly once and <bos>/<eos> mark only real
+document boundaries. A split is stored as three flat arrays: ``ids`` (int32), ``mask`` (uint8, 1 where
+the token is a learned target) and ``offsets`` (int64, window i is ``ids[offsets[i]:offsets[i+1]]``).
+
+The cache lives in ``<cache_dir>/<key>/``, keyed by the sha256 of the files' contents (in order), the
+tokenizer's fingerprint and every setting that changes the arrays; a second run with the same key
+loads it without reading the corpus again.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rgpt.data.corpus import CorpusError, corpus_texts, expand_paths, read_dialogues, read_pretrain
+from rgpt.data.npyfile import NpyWriter
+from rgpt.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer, normalise, shipped_idioms
+
+# Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
+DATA_FORMAT = "rgpt-data/1"
+KINDS = ("pretrain", "sft")
+
+
+@dataclass
+class DataConfig:
+    files: list[str]  # corpus files and/or directories of one training stage
+    kind: str  # "pretrain" (documents) or "sft" (dialogues)
+    val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
+    val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
+    assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def in_val(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a hash of its own text decides, so adding or
+    reordering files never moves another document, and duplicates always land on the same side."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return h < fraction * 2**64
+
+
+class TokenSet:
+    """One split of a prepared corpus: windows of ids with their loss masks, memory-mapped from disk."""
+
+    def __init__(self, root, split: str):
+        self.root = root = Path(root)
+        self.ids = np.load(root / f"{split}.ids.npy", mmap_mode="r")  # (n_tokens,) int32
+        self.mask = np.load(root / f"{split}.mask.npy", mmap_mode="r")  # (n_tokens,) uint8
+        self.offsets = np.load(root / f"{split}.offsets.npy", mmap_mode="r")  # (n_seqs + 1,) int64
+        self.stats = json.loads((root / "meta.json").read_text(encoding="utf-8"))[split]
+        self.lengths = np.diff(self.offsets)  # (n_seqs,) tokens per window, targets = length - 1
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.offsets) - 1
+
+    def __len__(self) -> int:
+        return self.n_seqs
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens stored (a token shared by two windows counts twice)."""
+        return len(self.ids)
+
+    @property
+    def n_chars(self) -> int:
+        """Characters of the normalised text whose tokens are learned (for bits per character)."""
+        return self.stats["n_chars"]
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return torch.from_numpy(self.ids[a:b].astype(np.int64)), torch.from_numpy(self.mask[a:b] != 0)
+
+
+class _SplitWriter:
+    """Appends windows of one split to its three arrays on disk, keeping only counts in memory."""
+
+    def __init__(self, root: Path, split: str, block_size: int):
+        self.block_size = block_size
+        self.ids = NpyWriter(root / f"{split}.ids.npy", np.int32)
+        self.mask = NpyWriter(root / f"{split}.mask.npy", np.uint8)
+        self.offsets = NpyWriter(root / f"{split}.offsets.npy", np.int64)
+        self.offsets.append(np.zeros(1, np.int64))
+        self.stats = {"n_docs": 0, "n_seqs": 0, "n_tokens": 0, "n_targets": 0, "n_unk": 0, "n_chars": 0}
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, n_chars: int) -> None:
+        n = len(ids)
+        starts = np.arange(0, n - 1, self.block_size)  # windows [s, s + block_size + 1) overlap by one
+        for s in starts:
+            self.ids.append(ids[s : s + self.block_size + 1])
+            self.mask.append(mask[s : s + self.block_size + 1])
+        ends = np.minimum(starts + self.block_size + 1, n)
+        self.offsets.append(self.stats["n_tokens"] + np.cumsum(ends - starts))
+        st = self.stats
+        st["n_docs"] += 1
+        st["n_seqs"] += len(starts)
+        st["n_tokens"] += int((ends - starts).sum())
+        st["n_targets"] += int(mask[1:].sum())
+        st["n_unk"] += int((ids == UNK_ID).sum())
+        st["n_chars"] += n_chars
+
+    def close(self) -> None:
+        for w in (self.ids, self.mask, self.offsets):
+            w.close()
+
+
+def _documents(cfg: DataConfig, tok: Tokenizer, paths):
+    """(split key, ids, mask, learned chars, all chars) per document of ``paths``."""
+    if cfg.kind == "pretrain":
+        for text in read_pretrain(paths):
+            text = normalise(text)
+            ids = np.concatenate([[BOS_ID], tok.encode_array(text), [EOS_ID]]).astype(np.int32)
+            yield text, ids, np.ones(len(ids), np.uint8), len(text), len(text)
+    elif cfg.kind == "sft":
+        for turns in read_dialogues(paths):
+            turns = [(role, normalise(c)) for role, c in turns]
+            ids, mask = tok.encode_dialogue(turns)
+            if not cfg.assistant_only_loss:
+                mask = [True] * len(ids)
+            learned = sum(len(c) for role, c in turns if role == "assistant" or not cfg.assistant_only_loss)
+            total = sum(len(c) for _, c in turns)
+            key = json.dumps(turns, ensure_ascii=False)
+            yield key, np.asarray(ids, np.int32), np.asarray(mask, np.uint8), learned, total
+    else:
+        raise ValueError(f"unknown corpus kind {cfg.kind!r}; expected one of {KINDS}")
+
+
+def prepare(
+    cfg: DataConfig, tok: Tokenizer, block_size: int, cache_dir, log=print
+) -> tuple[TokenSet, TokenSet]:
+    """(train, val) token sets of a stage, tokenized once and then loaded from the cache."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}")
+    files, val_files = expand_paths(cfg.files), expand_paths(cfg.val_files) if cfg.val_files else []
+    key = _key(
+        DATA_FORMAT,
+        tok.fingerprint,
+        block_size,
+        asdict(cfg) | {"files": None, "val_files": None},
+        [file_digest(f) for f in files],
+        [file_digest(f) for f in val_files],
+    )
+    root = Path(cache_dir) / key
+    if (root / "meta.json").exists():
+        log(f"data cache hit: {root} (tokenization skipped)")
+        return TokenSet(root, "train"), TokenSet(root, "val")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".tmp-{key[:16]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t0, n_chars = time.perf_counter(), 0
+        out = {s: _SplitWriter(tmp, s, block_size) for s in ("train", "val")}
+        # (paths, their split), or None: each document's hash decides
+        sources = [(files, "train"), (val_files, "val")] if val_files else [(files, None)]
+        for paths, fixed in sources:
+            for text, ids, mask, learned, chars in _documents(cfg, tok, paths):
+                split = fixed or ("val" if in_val(text, cfg.val_fraction) else "train")
+                out[split].add(ids, mask, learned)
+                n_chars += chars
+        for w in out.values():
+            w.close()
+        seconds = time.perf_counter() - t0
+        for split, w in out.items():
+            if w.stats["n_docs"] == 0:
+                how = f"val_files {cfg.val_files}" if val_files else f"val_fraction={cfg.val_fraction}"
+                raise CorpusError(f"empty {split} split of {', '.join(map(str, cfg.files))} ({how})")
+        meta = {
+            "format": DATA_FORMAT,
+            "kind": cfg.kind,
+            "block_size": block_size,
+            "files": [str(f) for f in files],
+            "val_files": [str(f) for f in val_files],
+            "train": out["train"].stats,
+            "val": out["val"].stats,
+            "seconds": seconds,
+            "chars_per_s": n_chars / max(seconds, 1e-9),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished the same key first; its arrays are identical
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_docs = meta["train"]["n_docs"] + meta["val"]["n_docs"]
+    n_tok = meta["train"]["n_tokens"] + meta["val"]["n_tokens"]
+    unk = (meta["train"]["n_unk"] + meta["val"]["n_unk"]) / max(n_tok, 1)
+    log(
+        f"tokenized {n_docs} docs ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
+        f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s → {root}"
+    )
+    return TokenSet(root, "train"), TokenSet(root, "val")
+
+
+def build_tokenizer(
+    paths_by_kind: dict[str, list[str]],
+    min_freq: int,
+    max_size: int,
+    hmm: bool,
+    cache_dir,
+    log=print,
+    idioms=None,
+) -> Tokenizer:
+    """The vocabulary of all the given corpora, built once and then loaded from ``<cache_dir>/vocab-<key>.json``."""
+    idioms = shipped_idioms() if idioms is None else tuple(sorted(set(idioms)))
+    files = {kind: expand_paths(paths) for kind, paths in sorted(paths_by_kind.items())}
+    key = _key(
+        "rgpt-vocab-build/1",
+        min_freq,
+        max_size,
+        hmm,
+        idioms,
+        {kind: [file_digest(f) for f in fs] for kind, fs in files.items()},
+    )
+    path = Path(cache_dir) / f"vocab-{key}.json"
+    if path.exists():
+        log(f"tokenizer cache hit: {path}")
+        return Tokenizer.load(path)
+    t0 = time.perf_counter()
+    texts = chain.from_iterable(corpus_texts(fs, kind) for kind, fs in files.items())
+    tok = Tokenizer.build(texts, min_freq=min_freq, max_size=max_size, hmm=hmm, idioms=idioms)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    log(f"built vocabulary of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s → {path}")
+    return tok
+
+
+def tokenize_throughput(tok: Tokenizer, paths, kind: str = "pretrain", max_chars: int = 2_000_000) -> float:
+    """Characters per second that ``tok`` encodes on (up to max_chars of) a corpus, for the benchmark script."""
+    n, t0 = 0, time.perf_counter()
+    for text in corpus_texts(paths, kind):
+        tok.encode(text)
+        n += len(text)
+        if n >= max_chars:
+            break
+    return n / max(time.perf_counter() - t0, 1e-9)

@@ -1,0 +1,248 @@
+"""Quality checks for the built-in corpus: size, topic balance, idioms, duplicates, dialogue shape, artifacts.
+
+    python scripts/check_corpus.py [--root rgpt/corpus]
+
+prints every problem found (each naming its file and line) and exits 1 if there is any. The layout
+checked is ``<root>/pretrain/*`` ({"text", "topic"} records), ``<root>/sft/*`` (dialogues) and
+``<root>/idioms.tsv`` (``成语<TAB>释义`` lines), read with the same readers as training.
+"""
+
+import argparse
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from rgpt.data.corpus import ROLES, CorpusError, expand_paths, parse_chat, records
+from rgpt.tokenizer import IDIOMS_PATH
+
+DEFAULT_ROOT = IDIOMS_PATH.parent
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+IDIOM = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]{4}")
+# Placeholders left by templates or unfinished writing; Latin words only count when not part of a longer word.
+_LATIN_WORDS = r"x{3,}|todo|fixme|tbd|lorem|ipsum|placeholder"
+ARTIFACT = re.compile(rf"(?i)(?<![a-z])(?:{_LATIN_WORDS})(?![a-z])|\{{[^{{}}]*\}}")
+
+
+@dataclass
+class Limits:
+    min_pretrain_items: int = 2000  # distinct pretraining texts
+    min_pretrain_cjk: int = 60_000  # CJK characters over all pretraining texts
+    max_topic_share: float = 0.15  # no "topic" may hold more of the pretraining items than this
+    min_dialogues: int = 1500
+    min_dialogue_cjk: int = 100_000  # CJK characters over all turns
+    min_multi_turn: int = 200  # dialogues with at least two user turns
+    min_idioms: int = 300  # entries of idioms.tsv
+    min_idioms_in_pretrain: int = 10  # distinct idioms that occur somewhere in pretraining text
+    min_chars: int = 4  # shortest pretraining text / assistant turn (user turns may be short: "李白。")
+
+
+@dataclass
+class Item:
+    where: str
+    text: str
+    topic: object = None
+
+
+@dataclass
+class Dialogue:
+    where: str
+    turns: list  # [(role, content)], as written: roles and order are not yet checked
+
+
+def _read(folder: Path, parse, problems: list[str]) -> list:
+    """parse(where, record) over every record under ``folder``; a bad file is one problem, not a crash."""
+    out = []
+    try:
+        files = expand_paths([folder])
+    except CorpusError as e:
+        problems.append(str(e))
+        return out
+    for path in files:
+        try:
+            for where, rec in records(path):
+                try:
+                    out.append(parse(where, rec))
+                except CorpusError as e:
+                    problems.append(str(e))
+        except CorpusError as e:  # malformed JSON or invalid UTF-8: the rest of that file is unreadable
+            problems.append(str(e))
+    return out
+
+
+def _pretrain_item(where, rec) -> Item:
+    if isinstance(rec, str):
+        return Item(where, rec)
+    if not isinstance(rec.get("text"), str):
+        raise CorpusError(f'{where}: no string "text" field')
+    return Item(where, rec["text"].strip(), rec.get("topic"))
+
+
+def _dialogue(where, rec) -> Dialogue:
+    if isinstance(rec, str):
+        return Dialogue(where, parse_chat(rec, where))
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) for t in conv
+    ):
+        raise CorpusError(f'{where}: "conversations" is not a list of {{"role", "content"}} objects')
+    return Dialogue(where, [(t.get("role"), t["content"].strip()) for t in conv])
+
+
+def load_idioms(path: Path, problems: list[str]) -> list[tuple[str, str, str]]:
+    """(where, idiom, meaning) of every non-blank line of idioms.tsv."""
+    if not path.exists():
+        problems.append(f"{path}: no such file")
+        return []
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        problems.append(f"{path}:{line}: not valid UTF-8 at byte offset {e.start}")
+        return []
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            idiom, _, meaning = line.partition("\t")
+            out.append((f"{path}:{n}", idiom.strip(), meaning.strip()))
+    return out
+
+
+def cjk_count(text: str) -> int:
+    return len(CJK.findall(text))
+
+
+def near_key(text: str) -> str:
+    """The text without punctuation, symbols and whitespace, lower-cased: equal keys are near-duplicates."""
+    return "".join(c for c in text if unicodedata.category(c)[0] not in "PSZC").lower()
+
+
+def check_pretrain(items: list[Item], lim: Limits) -> list[str]:
+    problems = []
+    distinct = len({i.text for i in items})
+    if distinct < lim.min_pretrain_items:
+        problems.append(f"pretraining: {distinct} distinct items, need ≥ {lim.min_pretrain_items}")
+    cjk = sum(cjk_count(i.text) for i in items)
+    if cjk < lim.min_pretrain_cjk:
+        problems.append(f"pretraining: {cjk} CJK characters, need ≥ {lim.min_pretrain_cjk}")
+    problems += [f'{i.where}: no "topic" field' for i in items if not isinstance(i.topic, str) or not i.topic]
+    counts: dict[str, int] = {}
+    for i in items:
+        if isinstance(i.topic, str) and i.topic:
+            counts[i.topic] = counts.get(i.topic, 0) + 1
+    for topic, n in sorted(counts.items()):
+        if n > lim.max_topic_share * len(items):
+            problems.append(
+                f"pretraining: topic {topic!r} holds {n}/{len(items)} items ({n / len(items):.0%}), "
+                f"more than {lim.max_topic_share:.0%}"
+            )
+    return problems
+
+
+def check_dialogues(dialogues: list[Dialogue], lim: Limits) -> list[str]:
+    problems = []
+    if len(dialogues) < lim.min_dialogues:
+        problems.append(f"dialogues: {len(dialogues)}, need ≥ {lim.min_dialogues}")
+    cjk = sum(cjk_count(c) for d in dialogues for _, c in d.turns)
+    if cjk < lim.min_dialogue_cjk:
+        problems.append(f"dialogues: {cjk} CJK characters, need ≥ {lim.min_dialogue_cjk}")
+    multi = sum(1 for d in dialogues if sum(r == "user" for r, _ in d.turns) >= 2)
+    if multi < lim.min_multi_turn:
+        problems.append(f"dialogues: {multi} with ≥ 2 user turns, need ≥ {lim.min_multi_turn}")
+    for d in dialogues:
+        roles = [r for r, _ in d.turns]
+        if any(r not in ROLES for r in roles):
+            problems.append(f"{d.where}: roles {roles}, each must be 'user' or 'assistant'")
+        elif not roles or roles != [ROLES[k % 2] for k in range(len(roles))] or len(roles) % 2:
+            problems.append(
+                f"{d.where}: turns go {'/'.join(roles) or 'nowhere'}; they must alternate "
+                "user/assistant, starting with user and ending with assistant"
+            )
+        problems += [f"{d.where}: turn {k} is empty" for k, (_, c) in enumerate(d.turns, 1) if not c]
+    return problems
+
+
+def check_idioms(idioms: list[tuple[str, str, str]], items: list[Item], lim: Limits) -> list[str]:
+    problems = []
+    if len(idioms) < lim.min_idioms:
+        problems.append(f"idioms: {len(idioms)} entries, need ≥ {lim.min_idioms}")
+    seen = {}
+    for where, idiom, meaning in idioms:
+        if not IDIOM.fullmatch(idiom):
+            problems.append(f"{where}: idiom {idiom!r} is not 4 CJK characters")
+        if not meaning:
+            problems.append(f"{where}: idiom {idiom!r} has no meaning after a tab")
+        if idiom in seen:
+            problems.append(f"{where}: idiom {idiom!r} already listed at {seen[idiom]}")
+        seen.setdefault(idiom, where)
+    text = "\n".join(i.text for i in items)
+    used = sum(1 for idiom in seen if idiom in text)
+    if used < lim.min_idioms_in_pretrain:
+        problems.append(
+            f"idioms: {used} of them occur in pretraining text, need ≥ {lim.min_idioms_in_pretrain}"
+        )
+    return problems
+
+
+def check_duplicates(named: list[tuple[str, str]]) -> list[str]:
+    """Exact and near duplicates among (where, text) pairs; each later copy names the first."""
+    problems, exact, near = [], {}, {}
+    for where, text in named:
+        key = near_key(text)
+        if text in exact:
+            problems.append(f"{where}: exact duplicate of {exact[text]}")
+        elif key in near:
+            problems.append(f"{where}: near-duplicate of {near[key]} (differs only in punctuation or spaces)")
+        exact.setdefault(text, where)
+        near.setdefault(key, where)
+    return problems
+
+
+def check_texts(units: list[tuple[str, str, bool]], lim: Limits) -> list[str]:
+    """Placeholder artifacts in every (where, text, must_be_long) unit; length where must_be_long."""
+    problems = []
+    for where, text, must_be_long in units:
+        if m := ARTIFACT.search(text):
+            problems.append(f"{where}: placeholder artifact {m.group()!r}")
+        if must_be_long and len(text.strip()) < lim.min_chars:
+            problems.append(f"{where}: text {text!r} is shorter than {lim.min_chars} characters")
+    return problems
+
+
+def check_corpus(root=DEFAULT_ROOT, lim: Limits | None = None) -> list[str]:
+    """Every problem of the corpus under ``root``, as one-line messages; empty when it is fit to ship."""
+    root, lim, problems = Path(root), lim or Limits(), []
+    items = _read(root / "pretrain", _pretrain_item, problems)
+    dialogues = _read(root / "sft", _dialogue, problems)
+    idioms = load_idioms(root / "idioms.tsv", problems)
+    problems += check_pretrain(items, lim)
+    problems += check_dialogues(dialogues, lim)
+    problems += check_idioms(idioms, items, lim)
+    problems += check_duplicates([(i.where, i.text) for i in items])
+    problems += check_duplicates([(d.where, "\n".join(c for _, c in d.turns)) for d in dialogues])
+    units = [(i.where, i.text, True) for i in items]
+    units += [
+        (f"{d.where} turn {k}", c, r == "assistant") for d in dialogues for k, (r, c) in enumerate(d.turns, 1)
+    ]
+    units += [(where, meaning, False) for where, _, meaning in idioms]
+    problems += check_texts(units, lim)
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="corpus folder (default: the built-in corpus)"
+    )
+    root = Path(parser.parse_args(argv).root)
+    problems = check_corpus(root)
+    for p in problems:
+        print(p)
+    print(f"{len(problems)} problem(s) in {root}" if problems else f"{root}: all corpus checks passed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

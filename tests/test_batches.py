@@ -1,0 +1,113 @@
+"""Batches: targets and masks on a hand-made example, padding, bucketing, deterministic order, resume."""
+
+import json
+
+import pytest
+import torch
+
+from rgpt.data import IGNORE, Batcher, DataConfig, prepare
+from rgpt.tokenizer import SPECIALS, Tokenizer
+
+BLOCK = 8
+
+
+def sft_set(tmp_path, dialogues, assistant_only_loss=True):
+    """A train TokenSet holding ``dialogues`` in order, and the tokenizer it was made with."""
+    tok = Tokenizer.build(["你好", "谢谢"], min_freq=1, idioms=())
+    path = tmp_path / "chat.jsonl"
+    lines = [{"conversations": [{"role": r, "content": c} for r, c in d]} for d in dialogues]
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    cfg = DataConfig([str(path)], "sft", val_files=[str(path)], assistant_only_loss=assistant_only_loss)
+    train, _ = prepare(cfg, tok, BLOCK, tmp_path / "cache", log=lambda m: None)
+    return train, tok
+
+
+def test_targets_and_assistant_only_mask_on_a_hand_made_example(tmp_path):
+    train, tok = sft_set(
+        tmp_path, [[("user", "你好"), ("assistant", "谢谢")], [("user", "你好谢"), ("assistant", "好")]]
+    )
+    assert tok.tokens == [
+        *SPECIALS,
+        "谢",
+        "你",
+        "好",
+        "你好",
+        "谢谢",
+    ]  # ids 6..10, so the numbers below mean:
+    # <bos>=2 <user>=4 你好=9 <assistant>=5 谢谢=10 <eos>=3  |  <bos> <user> 你好 谢=6 <assistant> 好=8 <eos>
+    (batch,) = Batcher(train, batch_size=2, seed=0, shuffle=False, bucket=False).epoch(0)
+    assert batch.idx.tolist() == [[2, 4, 9, 5, 10, 0], [2, 4, 9, 6, 5, 8]]
+    assert batch.targets.tolist() == [
+        [IGNORE, IGNORE, IGNORE, 10, 3, IGNORE],
+        [IGNORE, IGNORE, IGNORE, IGNORE, 8, 3],
+    ]
+    assert batch.n_tokens == 4
+
+
+def test_without_assistant_only_loss_every_real_target_counts(tmp_path):
+    train, _ = sft_set(tmp_path, [[("user", "你好"), ("assistant", "谢谢")]], assistant_only_loss=False)
+    (batch,) = Batcher(train, batch_size=1, seed=0).epoch(0)
+    assert batch.targets.tolist() == [[4, 9, 5, 10, 3]]
+    assert batch.n_tokens == 5
+
+
+@pytest.fixture(scope="module")
+def pretrain_set(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pre")
+    docs = [f"{'今天天气很好' * (i % 13 + 1)}，第{i}天。" for i in range(300)]
+    tok = Tokenizer.build(docs, min_freq=2, idioms=())
+    (tmp / "p.txt").write_text("\n".join(docs), encoding="utf-8")
+    train, _ = prepare(
+        DataConfig([str(tmp / "p.txt")], "pretrain", val_fraction=0.1), tok, 32, tmp / "c", log=lambda m: None
+    )
+    return train
+
+
+def flat(batches):
+    return [(b.idx.tolist(), b.targets.tolist()) for b in batches]
+
+
+def test_order_is_deterministic_from_seed_and_epoch(pretrain_set):
+    batcher = Batcher(pretrain_set, batch_size=8, seed=3)
+    first = flat(batcher.epoch(0))
+    assert first == flat(Batcher(pretrain_set, batch_size=8, seed=3).epoch(0)), (
+        "same (seed, epoch), different batches"
+    )
+    assert first != flat(batcher.epoch(1)), "epoch 1 replays epoch 0's order"
+    assert first != flat(Batcher(pretrain_set, batch_size=8, seed=4).epoch(0)), "seed has no effect"
+    assert len(first) == len(batcher)
+
+
+def test_resume_from_start_replays_the_rest_exactly(pretrain_set):
+    batcher = Batcher(pretrain_set, batch_size=8, seed=3)
+    full = flat(batcher.epoch(2))
+    assert flat(batcher.epoch(2, start=5)) == full[5:]
+
+
+@pytest.mark.parametrize("shuffle, bucket", [(True, True), (True, False), (False, True), (False, False)])
+def test_every_window_appears_once_per_epoch(pretrain_set, shuffle, bucket):
+    batcher = Batcher(pretrain_set, batch_size=7, seed=0, shuffle=shuffle, bucket=bucket)
+    seen = sorted(int(i) for b in batcher.order(0) for i in b)
+    assert seen == list(range(len(pretrain_set)))
+    assert len(batcher.order(0)) == len(batcher)
+
+
+def test_bucketing_cuts_padding_and_batches_fit_the_block(pretrain_set):
+    def padding(bucket):
+        batches = list(Batcher(pretrain_set, batch_size=8, seed=0, bucket=bucket).epoch(0))
+        assert max(b.idx.shape[1] for b in batches) <= 32, "a batch is longer than block_size"
+        return sum(int((b.targets == IGNORE).sum()) for b in batches)
+
+    bucketed, plain = padding(True), padding(False)
+    assert bucketed < plain / 2, f"bucketing left {bucketed} padded targets vs {plain} without it"
+
+
+def test_batch_moves_to_a_device(pretrain_set):
+    batch = next(Batcher(pretrain_set, batch_size=4, seed=0).epoch(0))
+    moved = batch.to("cpu")
+    assert torch.equal(moved.idx, batch.idx) and torch.equal(moved.targets, batch.targets)
+    assert moved.n_tokens == batch.n_tokens == int((batch.targets != IGNORE).sum())
+    if torch.cuda.is_available():
+        pinned = next(Batcher(pretrain_set, batch_size=4, seed=0, pin_memory=True).epoch(0))
+        assert pinned.idx.is_pinned()
+        assert torch.equal(pinned.to("cuda").targets.cpu(), batch.targets)
