@@ -50,7 +50,9 @@ class CausalSelfAttention(Layer):
         B, T, C = x.shape
         q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)  # (B, H, T, T)
+        # products in the compute dtype; the softmax and its gradient in float32 at least
+        scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
+        scores.mul_(scale)  # (B, H, T, T)
         mask = self.future[:T, :T]
         if key_padding_mask is not None:
             mask = mask | key_padding_mask[:, None, None, :]  # (B, 1, T, T)
@@ -58,7 +60,7 @@ class CausalSelfAttention(Layer):
         att = torch.softmax(scores, dim=-1)  # (B, H, T, T)
         if key_padding_mask is not None:
             att.nan_to_num_(0.0)  # a row whose keys are all masked is all -inf: its output is zeros, not NaN
-        y = torch.matmul(att, v)  # (B, H, T, D)
+        y = torch.matmul(att.to(v.dtype), v)  # (B, H, T, D)
         self.cache = (q, k, v, att, scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj.forward(y)
@@ -68,10 +70,10 @@ class CausalSelfAttention(Layer):
         B, H, T, D = q.shape
         dy = self.c_proj.backward(dout).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         # y = att @ v
-        datt = torch.matmul(dy, v.transpose(-2, -1))  # (B, H, T, T)
-        dv = torch.matmul(att.transpose(-2, -1), dy)  # (B, H, T, D)
+        datt = torch.matmul(dy, v.transpose(-2, -1)).to(att.dtype)  # (B, H, T, T)
+        dv = torch.matmul(att.to(dy.dtype).transpose(-2, -1), dy)  # (B, H, T, D)
         # att = softmax(scores): dscores = att * (datt - sum(att * datt)); masked entries have att == 0
-        dscores = datt.sub_((att * datt).sum(-1, keepdim=True)).mul_(att)
+        dscores = datt.sub_((att * datt).sum(-1, keepdim=True)).mul_(att).to(q.dtype)
         # scores = q @ k^T * scale
         dq = torch.matmul(dscores, k).mul_(scale)  # (B, H, T, D)
         dk = torch.matmul(dscores.transpose(-2, -1), q).mul_(scale)  # (B, H, T, D)
@@ -84,16 +86,14 @@ class CausalSelfAttention(Layer):
         """Inference only: x (B, T_new, C) holds the positions after the cache's; appends their k, v."""
         B, T, C = x.shape
         start = cache.length
-        w, b = self.c_attn.params["weight"], self.c_attn.params["bias"]
-        q, k, v = self._heads(torch.addmm(b, x.reshape(B * T, C), w.t()).view(B, T, 3 * C))
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
         cache.k[:, :, start : start + T] = k
         cache.v[:, :, start : start + T] = v
         cache.length = end = start + T
         scores = torch.matmul(q, cache.k[:, :, :end].transpose(-2, -1)) / math.sqrt(
             q.shape[-1]
         )  # (B,H,T,end)
+        scores = scores.to(torch.promote_types(q.dtype, torch.float32))
         scores.masked_fill_(self.future[start:end, :end], float("-inf"))  # new rows of the causal mask
-        y = torch.matmul(torch.softmax(scores, dim=-1), cache.v[:, :, :end])  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B * T, C)
-        wp, bp = self.c_proj.params["weight"], self.c_proj.params["bias"]
-        return torch.addmm(bp, y, wp.t()).view(B, T, C)
+        y = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), cache.v[:, :, :end])  # (B, H, T, D)
+        return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))

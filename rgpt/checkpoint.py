@@ -131,6 +131,7 @@ def load_weights(model, path) -> None:
                 f"{Path(path) / MODEL}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}"
             )
         p.copy_(tensors[name])
+    model.sync_compute()
 
 
 def list_checkpoints(ckpt_dir, kind: str) -> list[Path]:

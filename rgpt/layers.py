@@ -11,6 +11,9 @@ Conventions (after llm.c):
   so gradients of several micro-batches accumulate until the caller zeroes them.
 - ``self.params`` / ``self.grads`` are dicts with the same keys; the model may rebind their values to
   views of one flat buffer, so layers always look parameters up through the dicts.
+- Mixed precision: a Linear's params may be a bfloat16 working copy while its grads stay float32 (the
+  master copy). Linear casts its input to its weight's dtype, so the residual stream, LayerNorm,
+  softmax and the loss stay float32 while the matrix products run in bfloat16.
 No autograd anywhere: every gradient below is derived by hand and checked against torch.autograd in tests.
 """
 
@@ -32,6 +35,14 @@ class Layer:
         self.grads[name] = torch.zeros_like(value)
 
 
+def add_matmul_(acc, a, b):
+    """acc += a @ b, with acc possibly float32 while a, b are a lower precision (mixed precision)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:  # the product is accumulated in float32 inside the kernel, rounded once, then added
+        acc.add_(torch.mm(a, b))
+
+
 class Linear(Layer):
     """y = x @ W.T + b, with W of shape (out, in) as in torch.nn.Linear (so nanoGPT weights load by name)."""
 
@@ -43,7 +54,7 @@ class Linear(Layer):
 
     def forward(self, x):  # x: (..., in)
         w, b = self.params["weight"], self.params.get("bias")
-        x2 = x.reshape(-1, x.shape[-1])  # (M, in), M = product of the leading dims
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in), M = product of the leading dims
         y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()  # (M, out)
         self.cache = x2
         return y.view(*x.shape[:-1], w.shape[0])
@@ -51,10 +62,10 @@ class Linear(Layer):
     def backward(self, dy):  # dy: (..., out)
         x2 = self.cache
         w = self.params["weight"]
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
-        self.grads["weight"].addmm_(dy2.t(), x2)  # dW += dy^T x    (out, in)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)  # (M, out)
+        add_matmul_(self.grads["weight"], dy2.t(), x2)  # dW += dy^T x    (out, in)
         if "bias" in self.grads:
-            self.grads["bias"] += dy2.sum(0)
+            self.grads["bias"] += dy2.sum(0, dtype=self.grads["bias"].dtype)
         dx = dy2 @ w  # (M, in)
         self.cache = None
         return dx.view(*dy.shape[:-1], w.shape[1])
@@ -130,7 +141,9 @@ class Dropout(Layer):
         if not self.training or self.p == 0.0:
             self.cache = None
             return x
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        # the mask is at least float32: 1/(1-p) is not exact in bfloat16
+        keep = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        keep.bernoulli_(1.0 - self.p, generator=self.generator)
         mask = keep.div_(1.0 - self.p)  # 0 or 1/(1-p): the scale is folded into the mask
         self.cache = mask
         return x * mask

@@ -3,6 +3,10 @@
 All parameters live in one flat buffer (and all gradients in another); each layer's ``params`` / ``grads``
 entries are views into them. The optimizer, gradient clipping and the distributed all-reduce then work on
 one tensor instead of dozens. Names follow nanoGPT (``wte.weight``, ``h.0.attn.c_attn.weight``, ...).
+
+Mixed precision (compute_dtype=torch.bfloat16 with dtype=torch.float32): the flat buffers stay float32
+(master weights, gradients, Adam state), and the Linear layers -- laid out first in the flat buffer --
+compute from a bfloat16 copy of their weights that `sync_compute()` refreshes after every update.
 """
 
 import math
@@ -56,7 +60,7 @@ class Block:
         dx = dy + self.ln_2.backward(self.mlp.backward(self.drop_2.backward(dy)))
         return dx + self.ln_1.backward(self.attn.backward(self.drop_1.backward(dx)))
 
-    def forward_cached(self, x, cache):  # inference: no dropout, nothing kept for backward
+    def forward_cached(self, x, cache):  # inference: no dropout
         a = self.ln_1.forward(x)
         x = x + self.attn.forward_cached(a, cache)
         return x + self.mlp.forward(self.ln_2.forward(x))
@@ -72,9 +76,10 @@ def _walk(prefix, layer):
 class GPT:
     """A GPT whose every gradient is written by hand. Initialised from torch's global RNG."""
 
-    def __init__(self, cfg: GPTConfig, device="cpu", dtype=torch.float32):
+    def __init__(self, cfg: GPTConfig, device="cpu", dtype=torch.float32, compute_dtype=None):
         self.config = cfg
         self.device, self.dtype = torch.device(device), dtype
+        self.compute_dtype = compute_dtype or dtype  # dtype of the matrix products
         kw = dict(device=self.device, dtype=dtype)
         # dropout masks come from a private generator seeded from the global RNG: reproducible from the
         # seed, and its state can be checkpointed without touching anyone else's random stream
@@ -99,13 +104,22 @@ class GPT:
         yield from _walk("lm_head", self.lm_head)
 
     def _flatten(self):
-        """Move every parameter into one flat buffer and every gradient into another (views, same names)."""
+        """Move every parameter into one flat buffer and every gradient into another (views, same names).
+
+        Linear layers' parameters come first, so their low-precision working copy is one contiguous slice.
+        """
         owned = [
             (f"{p}.{k}", layer, k) for p, layer in self._named_layers() for k in getattr(layer, "params", {})
         ]
+        owned.sort(key=lambda o: not isinstance(o[1], Linear))  # stable: Linear params first, order kept
         total = sum(layer.params[k].numel() for _, layer, k in owned)
         self.flat_params = torch.empty(total, device=self.device, dtype=self.dtype)
         self.flat_grads = torch.zeros(total, device=self.device, dtype=self.dtype)
+        n_linear = sum(layer.params[k].numel() for _, layer, k in owned if isinstance(layer, Linear))
+        mixed = self.compute_dtype != self.dtype
+        self.flat_compute = (
+            torch.empty(n_linear, device=self.device, dtype=self.compute_dtype) if mixed else None
+        )
         self.params, self.grads, self.slices = {}, {}, {}
         offset = 0
         for name, layer, k in owned:
@@ -113,10 +127,18 @@ class GPT:
             end = offset + p.numel()
             view = self.flat_params[offset:end].view(p.shape)
             view.copy_(p)
-            layer.params[k] = self.params[name] = view
+            self.params[name] = layer.params[k] = view
+            if mixed and isinstance(layer, Linear):
+                layer.params[k] = self.flat_compute[offset:end].view(p.shape)
             layer.grads[k] = self.grads[name] = self.flat_grads[offset:end].view(p.shape)
             self.slices[name] = (offset, end)
             offset = end
+        self.sync_compute()
+
+    def sync_compute(self):
+        """Refresh the low-precision working copy from the master weights (after an update or a load)."""
+        if self.flat_compute is not None:
+            self.flat_compute.copy_(self.flat_params[: self.flat_compute.numel()])
 
     def num_params(self, non_embedding=False):
         n = self.flat_params.numel()
@@ -163,7 +185,12 @@ class GPT:
         max_len = max_len or cfg.block_size
         return [
             KVCache(
-                batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head, device=self.device, dtype=self.dtype
+                batch,
+                cfg.n_head,
+                max_len,
+                cfg.n_embd // cfg.n_head,
+                device=self.device,
+                dtype=self.compute_dtype,
             )
             for _ in range(cfg.n_layer)
         ]
@@ -176,6 +203,4 @@ class GPT:
         x = self.params["wte.weight"][idx] + self.wpe[start : start + T]  # (B, T, C)
         for block, cache in zip(self.h, caches):
             x = block.forward_cached(x, cache)
-        x = self.ln_f.forward(x)  # (the layers' caches are left for the next forward to overwrite)
-        w, b = self.params["lm_head.weight"], self.params["lm_head.bias"]
-        return torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t()).view(*idx.shape, -1)
+        return self.lm_head.forward(self.ln_f.forward(x))  # (B, T_new, V); caches are left to be overwritten

@@ -27,6 +27,10 @@ class Start:
     state: dict | None  # its state.json when this is an exact resume of the same stage, else None
 
 
+def _compute_dtype(cfg: RunConfig):
+    return torch.bfloat16 if cfg.precision == "bf16" else None
+
+
 def _model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
     settings = {k: v for k, v in vars(cfg.model).items() if k != "name"}
     return GPTConfig(vocab_size=vocab_size, **settings)
@@ -42,7 +46,7 @@ def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log
         diff = ", ".join(f"{k}={arch[k]} (config {wanted[k]})" for k in arch if arch[k] != wanted.get(k))
         log(f"notice: using the checkpoint's architecture: {diff}")
     arch["dropout"] = cfg.model.dropout  # regularisation is the run's choice, not the checkpoint's
-    model = GPT(GPTConfig(**arch), device=device, dtype=dtype)
+    model = GPT(GPTConfig(**arch), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
     ckpt.load_weights(model, path)
     tok = Tokenizer.load(path / ckpt.VOCAB)
     if exact and ckpt.OPTIM not in meta["files"]:
@@ -97,7 +101,10 @@ def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
     _set_aside(cfg.run_dir, log)
     t = cfg.tokenizer
     tok = build_tokenizer(t.files, t.min_freq, t.max_size, t.hmm, cfg.data.cache_dir, log=log)
-    return Start(GPT(_model_config(cfg, tok.vocab_size), device=device, dtype=dtype), tok, None, None)
+    model = GPT(
+        _model_config(cfg, tok.vocab_size), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg)
+    )
+    return Start(model, tok, None, None)
 
 
 # ---- random number generator states, as JSON-safe strings ------------------------------------------

@@ -51,8 +51,9 @@ class Trainer:
             self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
         )
         t = cfg.train
-        decay = [n for n, p in m.params.items() if p.dim() >= 2] if t.weight_decay else []
         frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
+        # a frozen weight must not decay either
+        decay = [n for n, p in m.params.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
         self.opt = Adam(
             m.params,
             m.grads,
@@ -140,6 +141,7 @@ class Trainer:
             loss_value, norm_value = (loss_sum / n_total).item(), norm.item()  # the one host sync per step
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 self.opt.step(self.lr())
+                m.sync_compute()
             self.step += 1
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
 
@@ -364,6 +366,7 @@ class Trainer:
             and self.best_params is not None
         ):
             m.flat_params.copy_(self.best_params)  # roll back to the best model before the final save
+            m.sync_compute()
             reason += f"; rolled back to the best model ({cfg.train.monitor} {self.best:.4f})"
         path = self.save("final")
         self.log(f"done: {reason}.")
