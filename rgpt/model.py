@@ -16,7 +16,7 @@ import torch
 
 from rgpt.attention import CausalSelfAttention, KVCache
 from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
-from rgpt.loss import CrossEntropy
+from rgpt.loss import IGNORE_INDEX, CrossEntropy
 
 
 @dataclass
@@ -167,14 +167,29 @@ class GPT:
         x = self.wte.forward(idx) + self.wpe[:T]  # (B, T, C)
         for block in self.h:
             x = block.forward(x)
-        logits = self.lm_head.forward(self.ln_f.forward(x))  # (B, T, V)
+        x = self.ln_f.forward(x)  # (B, T, C)
+        self._kept = None
         if targets is None:
-            return logits
-        return self.criterion.forward(logits, targets)
+            return self.lm_head.forward(x)  # (B, T, V)
+        if self.device.type == "cpu":  # (on CUDA, finding the rows would cost a host sync per step)
+            # only positions with a target reach the (., V) projection and the loss: padding and masked
+            # user turns are skipped in the largest matmul; their gradient would be exactly zero anyway
+            keep = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+            if keep.numel() < targets.numel():
+                self._kept = (keep, x.shape)
+                x, targets = (
+                    x.reshape(-1, x.shape[-1]).index_select(0, keep),
+                    targets.reshape(-1)[keep],
+                )  # (N, C)
+        return self.criterion.forward(self.lm_head.forward(x), targets)
 
     def backward(self, scale=1.0):
         """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets)."""
-        dx = self.ln_f.backward(self.lm_head.backward(self.criterion.backward(scale)))  # (B, T, C)
+        dx = self.lm_head.backward(self.criterion.backward(scale))  # (B, T, C), or (N, C) for the kept rows
+        if self._kept is not None:  # rows that were skipped get a zero gradient
+            keep, shape = self._kept
+            dx = dx.new_zeros(shape[0] * shape[1], shape[2]).index_copy_(0, keep, dx).view(shape)
+        dx = self.ln_f.backward(dx)  # (B, T, C)
         for block in reversed(self.h):
             dx = block.backward(dx)
         self.wte.backward(dx)  # the positional table is fixed: nothing to accumulate there
