@@ -70,6 +70,27 @@ def _check_group_choices(argv) -> None:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bfloat16 matmuls natively (else bf16 is emulated, and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """'auto' | 'fp32' | 'bf16' -> 'fp32' or 'bf16' (auto: bf16 where the hardware has it natively)."""
+    if spec == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if spec not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={spec!r} is not one of auto, fp32, bf16")
+    return spec
+
+
 def hydra_main(config_name: str):
     """hydra.main over the repository's conf/, with the `${corpus:NAME}` resolver and one-line errors."""
     import hydra

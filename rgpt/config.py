@@ -21,19 +21,24 @@ def _pick(cls, d: dict, prefix: str):
     kwargs = {}
     for name, value in d.items():
         want = known[name].type
+        want = want if isinstance(want, str) else want.__name__  # "int", or "int | None" as annotated
+        kind = want.split(" ")[0]
         try:
-            if want in ("int", int) and value is not None and not isinstance(value, bool):
+            if value is None:
+                if kind in ("int", "float", "bool") and "None" not in want:
+                    raise ValueError  # e.g. train.batch_size=null
+            elif kind in ("int", "float") and isinstance(value, bool):
+                raise ValueError  # e.g. train.batch_size=true
+            elif kind == "int":
                 if float(value) != int(float(value)):
                     raise ValueError
                 value = int(float(value))
-            elif want in ("float", float) and value is not None and not isinstance(value, bool):
+            elif kind == "float":
                 value = float(value)
-            elif want in ("int | None", "float | None") and value is not None:
-                value = int(float(value)) if want.startswith("int") else float(value)
-            elif want in ("bool", bool) and not isinstance(value, bool):
+            elif kind == "bool" and not isinstance(value, bool):
                 raise ValueError
-        except (TypeError, ValueError):
-            raise ConfigError(f"{prefix}{name}={value!r} is not a {want.split(' ')[0]}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{prefix}{name}={value!r} is not a {kind}") from None
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -201,6 +206,7 @@ class RunConfig:
     resume: bool = False
     resume_from: "str | None" = None
     threads: "int | None" = None
+    dist_timeout_s: float = 600.0
 
     @property
     def run_dir(self) -> Path:
@@ -229,8 +235,14 @@ class RunConfig:
         for part in parts.values():
             if hasattr(part, "validate"):
                 part.validate()
-        _check(cfg.precision in ("fp32", "bf16"), "precision", cfg.precision, "must be fp32 or bf16")
+        _check(
+            cfg.precision in ("auto", "fp32", "bf16"),
+            "precision",
+            cfg.precision,
+            "must be auto, fp32 or bf16",
+        )
         _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1 or null")
+        _check(cfg.dist_timeout_s > 0, "dist_timeout_s", cfg.dist_timeout_s, "must be positive")
         _check(
             bool(str(cfg.run_name).strip()) and "/" not in str(cfg.run_name),
             "run_name",

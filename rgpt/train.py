@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from rgpt.cli import ConfigError, hydra_main, resolve_device
+from rgpt.cli import ConfigError, hydra_main, resolve_device, resolve_precision
 from rgpt.config import RunConfig
-from rgpt.distributed import Dist
+from rgpt.distributed import Dist, DistError, hydra_overrides
 
 
 def load_run_config(cfg) -> RunConfig:
@@ -24,17 +24,21 @@ def load_run_config(cfg) -> RunConfig:
 def main(cfg) -> None:
     run = load_run_config(cfg)
     device = resolve_device(run.device)  # before any work: device=cuda without a GPU fails here
+    run.precision = resolve_precision(run.precision, device)
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.set_grad_enabled(False)  # rgpt computes every gradient by hand
     from rgpt.trainer import Stop, Trainer
 
-    dist = Dist.from_env(device.type)
+    dist = Dist.from_env(device.type, run.dist_timeout_s)  # under torchrun: join the other ranks
     if dist.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+        device = dist.device  # each rank on cuda:LOCAL_RANK
     try:
         result = Trainer(run, device, dist).run()
-    except Stop as e:
+        # leave together: once one rank exits non-zero (130 after a signal) torchrun kills the others,
+        # which must not catch rank 0 in the middle of saving `last`
+        dist.barrier("waiting for rank 0's last save")
+    except (Stop, DistError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
@@ -44,4 +48,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += hydra_overrides()  # under torchrun only rank 0 writes Hydra's files into the run directory
     main()

@@ -10,6 +10,7 @@ import math
 import signal
 import time
 
+import numpy as np
 import torch
 
 from rgpt import checkpoint as ckpt
@@ -32,9 +33,14 @@ class Trainer:
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         torch.manual_seed(cfg.seed)
-        start = resolve_start(cfg, device, torch.float32, log=self.log)
+        # rank 0 first: it builds (or finds) the vocabulary and sets old checkpoints aside alone
+        start = self.dist.first_then_rest(
+            lambda: resolve_start(cfg, device, torch.float32, log=self.log), "vocabulary"
+        )
         self.model, self.tok, self.source = start.model, start.tokenizer, start.source
         m = self.model
+        self.dist.broadcast_(m.flat_params)  # every rank starts from rank 0's weights, bit for bit
+        m.sync_compute()
         data_cfg = DataConfig(
             files=list(cfg.data.files),
             kind=cfg.stage,
@@ -43,7 +49,8 @@ class Trainer:
             assistant_only_loss=cfg.data.assistant_only_loss,
         )
         self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, log=self.log)
+            lambda: prepare(data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, log=self.log),
+            "data cache",
         )
         pin = device.type == "cuda"
         self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
@@ -76,10 +83,12 @@ class Trainer:
         self.history = []  # per-epoch summaries
         if start.state is not None:
             self._restore(start.state, start.source)
-        self.best_params = m.flat_params.clone() if math.isfinite(self.best) else None
+        self.best_params = self._best_params(start.source) if math.isfinite(self.best) else None
         self.timers = Timers(device)
         self.stop_reason = None
-        self._signal = None
+        # a Ctrl-C / SIGTERM lands in _pending; _signal is set once every rank knows (see train_step)
+        self._signal = self._pending = None
+        self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
 
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
@@ -90,6 +99,19 @@ class Trainer:
         self.ep_loss, self.ep_tokens, self.tokens = st["ep_loss"], st["ep_tokens"], st["tokens"]
         set_rng_state(self.model, st["rng"])
         self.log(f"resumed at epoch {self.epoch + 1}, batch {self.pos}, step {self.step}")
+
+    def _best_params(self, source) -> torch.Tensor:
+        """What early stopping rolls back to: after a resume, the weights of the `best` checkpoint saved
+        beside the one resumed (not the resumed weights); the current weights when there is none."""
+        m = self.model
+        best = ckpt.find(source.parent, "best", warn=self.log) if source is not None else None
+        if best is None or ckpt.read_state(best).get("monitor_value") != self.best:
+            return m.flat_params.clone()
+        current = m.flat_params.clone()
+        ckpt.load_weights(m, best)
+        weights = m.flat_params.clone()
+        m.flat_params.copy_(current)
+        return weights
 
     def _state(self, **extra) -> dict:
         return {
@@ -121,11 +143,16 @@ class Trainer:
 
         Returns (loss, grad norm, tokens): the token-weighted mean loss of the whole group across ranks.
         """
-        m, timers = self.model, self.timers
+        m, timers, d = self.model, self.timers, self.dist
         n_total = sum(b.n_tokens for b in group)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # (loss sum, stop requested, time up) travel in one all-reduce, so every rank leaves the loop
+        # after the same step; a rank that stopped alone would leave the others waiting in the next one
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         m.zero_grad()
-        for b in group[self.dist.rank :: self.dist.world]:
+        for j in range(d.rank, len(group), d.world):  # micro-batches rank, rank + world, ... of the group
+            b = group[j]
+            # dropout masks follow the micro-batch's place in the epoch, not the rank that computes it
+            m.generator.manual_seed(self._dropout_seed(self.pos + j))
             with timers("data"):
                 b = b.to(self.device)
             with timers("forward"):
@@ -134,16 +161,27 @@ class Trainer:
                 m.backward(
                     scale=b.n_tokens / n_total
                 )  # token-weighted: the group's mean, not a mean of means
-            loss_sum += loss.double() * b.n_tokens
+            stats[0] += loss.double() * b.n_tokens
+        stats[1] = self._pending is not None
+        stats[2] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
-            self.dist.all_reduce_sum(m.flat_grads, loss_sum)
+            d.all_reduce_sum(m.flat_grads, stats)  # the gradient: the single-process one of the whole group
             norm = clip_grad_norm_(m.flat_grads, self.cfg.train.clip_norm)
-            loss_value, norm_value = (loss_sum / n_total).item(), norm.item()  # the one host sync per step
+            loss_sum, stop, time_up, norm_value = torch.cat([stats, norm.double().view(1)]).tolist()
+            loss_value = loss_sum / n_total  # the line above is the one host sync per step
+            if stop:
+                self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
+            self._time_up = bool(time_up)
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 self.opt.step(self.lr())
                 m.sync_compute()
             self.step += 1
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
+
+    def _dropout_seed(self, index: int) -> int:
+        """Seed of the dropout masks of micro-batch `index` of this epoch: the same for any world size."""
+        key = np.random.SeedSequence([self.cfg.seed, self.epoch, index])
+        return int(key.generate_state(1, np.uint64)[0] >> 1)
 
     def validate(self) -> float:
         """Token-weighted mean loss over the validation split (reduced across ranks)."""
@@ -201,24 +239,28 @@ class Trainer:
             c = self.cfg.checkpoint
             if kind == "best":
                 ckpt.prune(path.parent, "best", c.keep_best)
-            elif kind == "last":
-                ckpt.prune(path.parent, "last", 1)
+            elif kind == "last":  # only this one: a newer but damaged or abandoned `last` must not outrank it
+                ckpt.prune(path.parent, "last", 1, current=path)
             elif kind == "epoch":
                 ckpt.prune(path.parent, "epoch", c.keep)
         return path
 
     # ---- the run ---------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        if self._signal is not None:  # a second Ctrl-C: stop right now
+        if self._pending is not None:  # a second Ctrl-C: stop right now
             raise KeyboardInterrupt
-        self._signal = signum
+        self._pending = signum
         self.log(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving `last`")
 
-    def _out_of_budget(self, t0) -> str | None:
+    def _out_of_budget(self, fresh: bool = False) -> str | None:
+        """max_steps, or max_minutes by rank 0's clock (ranks' clocks differ, their decision must not):
+        `fresh` asks rank 0 now (a collective); otherwise its answer from the last step's all-reduce counts."""
         t = self.cfg.train
         if t.max_steps is not None and self.step >= t.max_steps:
             return f"reached max_steps={t.max_steps}"
-        if t.max_minutes is not None and self.elapsed + time.perf_counter() - t0 >= 60 * t.max_minutes:
+        if t.max_minutes is not None and fresh:
+            self._time_up = self.dist.any(self.dist.is_main and time.perf_counter() >= self._deadline)
+        if t.max_minutes is not None and self._time_up:
             return f"reached max_minutes={t.max_minutes}"
         return None
 
@@ -228,22 +270,24 @@ class Trainer:
             cfg.run_dir,
             enabled=self.dist.is_main,
             progress=cfg.monitor.progress,
-            purge_step=self.step,
+            purge_step=self.step + 1,  # events up to this step are the resumed checkpoint's past: keep them
             log=self.log,
         )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         t0, bad_in_a_row, tokens_done, first_step = time.perf_counter(), 0, 0, self.step
+        if t.max_minutes is not None:
+            self._deadline = t0 + 60 * t.max_minutes - self.elapsed
         per_epoch = -(-len(self.batches) // t.grad_accum)  # optimizer steps per epoch
         total_steps = min(t.max_steps or 1 << 62, t.max_epochs * per_epoch)
         self.log(
             f"{cfg.stage}: {m.num_params():,} parameters, {len(self.train_set)} training / "
             f"{len(self.val_set)} validation windows, {len(self.batches)} micro-batches per epoch, "
-            f"{per_epoch} steps per epoch, device {self.device}"
+            f"{per_epoch} steps per epoch, device {self.device}, precision {cfg.precision}"
         )
         m.train()
         try:
             while self.epoch < t.max_epochs and self.stop_reason is None:
-                self.stop_reason = self._out_of_budget(t0)
+                self.stop_reason = self._out_of_budget(fresh=True)
                 if self.stop_reason:
                     break
                 self.monitor.start_epoch(self.epoch, len(self.batches), self.pos)
@@ -297,11 +341,13 @@ class Trainer:
                         tok_s=f"{rate:.0f}",
                         eta=format_seconds(eta),
                     )
-                    self.stop_reason = self._out_of_budget(t0)
+                    self.stop_reason = self._out_of_budget()
                     if self._signal is not None or self.stop_reason:
                         break
                 if self._signal is not None:
                     break
+                if self.stop_reason and self.pos < len(self.batches):
+                    break  # a budget ran out mid-epoch: _finish saves `last` with the position
                 self._end_epoch(self.ep_loss / max(self.ep_tokens, 1), t0)
         finally:
             for s, h in old.items():
@@ -360,6 +406,8 @@ class Trainer:
             )
             return {"interrupted": True, "checkpoint": str(path) if path else None}
         reason = self.stop_reason or f"reached max_epochs={cfg.train.max_epochs}"
+        if self.pos:  # stopped mid-epoch (max_steps / max_minutes): resume=true continues from here exactly
+            self.save("last")
         if (
             self.stop_reason
             and self.stop_reason.startswith("early stopping")
