@@ -1,0 +1,250 @@
+"""python -m rgpt.eval [checkpoint=PATH] data.path=FILE [task=lm|sft] [key=value ...]
+
+Measures a checkpoint on a corpus in one streaming pass (every key: conf/eval.yaml):
+- task=lm: every passage (a line of a .txt, a {"text"} record, ...) is scored as in pretraining,
+  <bos> passage <eos>: each token of the passage and the closing <eos> is predicted from what precedes it.
+- task=sft: dialogues are scored as in instruction tuning (the assistant's tokens and their <eos>), and
+  each assistant turn is also greedy-decoded from the turns before it and compared with the reference:
+  exact match and character F1.
+Reported: tokens scored, characters, mean loss (nats per token), perplexity, bits per character (total
+NLL in bits / characters of the scored text, comparable across tokenizers) and the <unk> rate. A passage
+longer than the window is scored with a sliding window: each token once, with at least half a window
+of context. The last line printed is one JSON object with these numbers.
+"""
+
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from rgpt.chat import open_model, quote_text_overrides
+from rgpt.cli import ConfigError, hydra_main, resolve_device
+from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
+from rgpt.generate import DecodeConfig, generate
+from rgpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
+
+TASKS = ("lm", "sft")
+IGNORE = -100
+
+
+@dataclass
+class EvalConfig:
+    data_path: str
+    checkpoint: str | None = None
+    out_dir: str = "outputs"
+    device: str = "auto"
+    task: str = "lm"
+    max_new_tokens: int = 100
+    batch_size: int = 16
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalConfig":
+        d = dict(d)
+        data = d.pop("data", None) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"data={data!r}: set the file with data.path=FILE")
+        path = data.get("path")
+        if path is None or not str(path).strip():
+            raise ConfigError(
+                "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
+            )
+        known = {"checkpoint", "out_dir", "device", "task", "max_new_tokens", "batch_size"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]} (known: data.path, {', '.join(sorted(known))})")
+        for key in ("max_new_tokens", "batch_size"):
+            v = d.get(key, getattr(cls, key))
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{key}={v!r} must be a positive integer")
+        if d.get("task", "lm") not in TASKS:
+            raise ConfigError(f"task={d['task']!r} is not one of {', '.join(TASKS)}")
+        ckpt = d.pop("checkpoint", None)
+        return cls(data_path=str(path), checkpoint=None if ckpt is None else str(ckpt), **d)
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+def windows(ids: list[int], scored: list[bool], block_size: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(inputs, targets) pieces of a sequence, each at most block_size long, together scoring every
+    position i >= 1 with scored[i] exactly once (targets: the id, or -100 where nothing is scored).
+
+    The first piece covers the start; each later one moves on by half a window, scoring only its last
+    half, so every later token is predicted from at least block_size / 2 tokens of context.
+    """
+    n, stride = len(ids), max(1, block_size // 2)
+    pos = 1  # first target position not yet scored
+    while pos < n:
+        end = min(pos + (block_size if pos == 1 else stride), n)  # targets [pos, end) are scored here
+        start = max(0, end - 1 - block_size)  # inputs ids[start:end - 1]
+        # the target at position i is predicted from the inputs up to i - 1
+        targets = [ids[i] if i >= pos and scored[i] else IGNORE for i in range(start + 1, end)]
+        yield ids[start : end - 1], targets
+        pos = end
+
+
+class Scorer:
+    """Sums the NLL of the scored tokens over many sequences, batch_size windows per forward pass."""
+
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.pending: list[tuple[list[int], list[int]]] = []
+        self.nll = 0.0  # nats, summed in float64
+        self.tokens = self.unk = 0
+
+    def add(self, ids: list[int], scored: list[bool]) -> None:
+        for piece in windows(ids, scored, self.model.config.block_size):
+            self.pending.append(piece)
+            if len(self.pending) == self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        T = max(len(x) for x, _ in self.pending)
+        idx = torch.full((len(self.pending), T), PAD_ID, dtype=torch.long)
+        tgt = torch.full((len(self.pending), T), IGNORE, dtype=torch.long)
+        for row, (x, y) in enumerate(self.pending):  # right padding: causal attention never looks at it
+            idx[row, : len(x)], tgt[row, : len(y)] = torch.tensor(x), torch.tensor(y)
+        self.pending = []
+        idx, tgt = idx.to(self.model.device), tgt.to(self.model.device)
+        logits = self.model.forward(idx)  # (B, T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        valid = tgt != IGNORE
+        lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+        picked = logits.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1)  # (B, T)
+        self.nll += float(((lse - picked) * valid).sum(dtype=torch.float64))
+        self.tokens += int(valid.sum())
+        self.unk += int(((tgt == UNK_ID) & valid).sum())
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 of the characters (as multisets, whitespace ignored) of a reply against the reference."""
+    pred, ref = Counter(prediction.replace(" ", "")), Counter(reference.replace(" ", ""))
+    common = sum((pred & ref).values())
+    if not pred or not ref:
+        return float(pred == ref)
+    if common == 0:
+        return 0.0
+    p, r = common / sum(pred.values()), common / sum(ref.values())
+    return 2 * p * r / (p + r)
+
+
+def _line_count(paths) -> int | None:
+    """Non-blank lines of the files (the passage count of .txt / .jsonl), for the progress bar; None for
+    .json arrays, whose item count is only known after parsing."""
+    try:
+        files = expand_paths(paths)
+    except CorpusError:
+        return None  # the reader reports it properly
+    if any(f.suffix == ".json" for f in files):
+        return None
+    n = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            n += sum(1 for line in fh if line.strip())
+    return n
+
+
+def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
+    """The metrics of `model` on cfg.data_path (see the module docstring); a dict ready for JSON."""
+    from tqdm import tqdm
+
+    scorer, chars, passages = Scorer(model, cfg.batch_size), 0, 0
+    exact, f1, prompts = 0, 0.0, 0
+    greedy = DecodeConfig(method="greedy", max_new_tokens=cfg.max_new_tokens)
+    items = read_pretrain(cfg.data_path) if cfg.task == "lm" else read_dialogues(cfg.data_path)
+    bar = tqdm(
+        items,
+        total=_line_count(cfg.data_path),
+        unit=" passages" if cfg.task == "lm" else " dialogues",
+        disable=None if progress else True,  # None: shown on a terminal, silent in pipes and logs
+        file=sys.stderr,
+    )
+    for item in bar:
+        passages += 1
+        if cfg.task == "lm":
+            text = normalise(item)
+            ids = [BOS_ID, *tok.encode(text), EOS_ID]
+            scorer.add(ids, [False] + [True] * (len(ids) - 1))
+            chars += len(text)
+            continue
+        ids, mask = tok.encode_dialogue(item)
+        scorer.add(ids, mask)
+        for k, (role, content) in enumerate(item):
+            if role != "assistant":
+                continue
+            chars += len(normalise(content))
+            if k == 0 or item[k - 1][0] != "user":
+                continue  # no question to answer
+            reply = tok.decode(generate(model, tok.encode_prompt(item[:k]), greedy))
+            exact += normalise(reply) == normalise(content)
+            f1 += char_f1(normalise(reply), normalise(content))
+            prompts += 1
+    scorer.flush()
+    bar.close()
+    if scorer.tokens == 0:
+        raise CorpusError(f"{cfg.data_path}: nothing to score (no passages with text)")
+    loss = scorer.nll / scorer.tokens
+    result = {
+        "tokens": scorer.tokens,
+        "chars": chars,
+        "loss": loss,
+        "ppl": math.exp(loss) if loss < 700 else None,  # None rather than the non-JSON Infinity
+        "bpc": scorer.nll / math.log(2) / chars if chars else None,
+        "unk_rate": scorer.unk / scorer.tokens,
+    }
+    if cfg.task == "sft":
+        result["exact_match"] = exact / prompts if prompts else None
+        result["char_f1"] = f1 / prompts if prompts else None
+    result["_passages"], result["_prompts"] = passages, prompts
+    return result
+
+
+def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
+    what = "passages" if cfg.task == "lm" else "dialogues"
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"checkpoint   {ckpt}",
+        f"data         {cfg.data_path}: {result['_passages']:,} {what}, {result['chars']:,} characters, "
+        f"{result['tokens']:,} tokens scored",
+        f"loss         {result['loss']:.4f} nats/token   perplexity {fmt(result['ppl'], '.2f')}",
+        f"bpc          {fmt(result['bpc'], '.4f')} bits/character",
+        f"unk rate     {result['unk_rate']:.2%}",
+    ]
+    if cfg.task == "sft":
+        lines.append(
+            f"replies      exact match {fmt(result['exact_match'], '.1%')}, char F1 "
+            f"{fmt(result['char_f1'], '.3f')} over {result['_prompts']:,} prompts (greedy)"
+        )
+    return "\n".join(lines)
+
+
+@hydra_main("eval")
+def _main(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    c = EvalConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    device = resolve_device(c.device)
+    expand_paths(c.data_path)  # a missing file fails before the model loads
+    model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    try:
+        result = evaluate(model, tok, c)
+    except CorpusError as e:
+        if c.task == "lm" and "conversations" in str(e):
+            raise CorpusError(f"{e}; for an instruction set use task=sft") from None
+        raise
+    print(summary(result, path, c))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, ensure_ascii=False))
+
+
+def main() -> None:
+    sys.argv[1:] = quote_text_overrides(sys.argv[1:])
+    with torch.no_grad():
+        _main()
+
+
+if __name__ == "__main__":
+    main()
