@@ -7,7 +7,8 @@ A checkpoint is a directory ``<kind>-<step>`` under a run's ``checkpoints/`` (ki
     state.json             epoch, step, losses, schedule position, RNG states, model config, versions,
                            and the size + sha256 of every other file (so truncation or corruption is caught)
 It is written into a hidden temporary directory, fsynced, and renamed into place: a process killed at any
-instant leaves the previous checkpoints intact and never a half-written one under a real name.
+instant leaves the previous checkpoints intact and never a half-written one under a real name. Deleting (pruning,
+replacing) renames to a hidden name first, for the same reason; hidden leftovers of killed processes are swept.
 """
 
 import hashlib
@@ -45,12 +46,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed to a hidden name first, so a kill mid-way never leaves a
+    half-deleted directory under a real name."""
+    hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _sweep(ckpt_dir: Path) -> None:
+    """Remove hidden temporary directories left by processes that were killed while saving or deleting."""
+    for p in ckpt_dir.glob(".*-*"):
+        pid = p.name.rsplit("-", 1)[1]
+        if not (p.name.startswith((".tmp-", ".del-")) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # still running (e.g. another run saving here): leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimizer=None) -> Path:
     """Write checkpoint `<kind>-<step>` atomically and return its path."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _sweep(ckpt_dir)
     final = ckpt_dir / f"{kind}-{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +102,7 @@ def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimize
     (tmp / STATE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     _fsync(tmp / STATE)
     if final.exists():  # the same step saved twice (e.g. `final` after a resumed run): replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     dir_fd = os.open(ckpt_dir, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -162,9 +187,15 @@ def find(ckpt_dir, kind: str, warn=print) -> Path | None:
     return intact[0][0]
 
 
-def prune(ckpt_dir, kind: str, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints of a kind ('best': all but the `keep` lowest losses)."""
+def prune(ckpt_dir, kind: str, keep: int, current=None) -> None:
+    """Delete all but the `keep` newest checkpoints of a kind ('best': all but the `keep` lowest losses).
+
+    `current`, the checkpoint just written, counts as the newest whatever its step: after a resume from an
+    older checkpoint, the abandoned (or damaged) later ones go first.
+    """
     paths = list_checkpoints(ckpt_dir, kind)
+    if current is not None:
+        paths = [Path(current)] + [p for p in paths if p != Path(current)]
     if kind == "best":
 
         def loss_of(p):
@@ -175,7 +206,7 @@ def prune(ckpt_dir, kind: str, keep: int) -> None:
 
         paths = sorted(paths, key=loss_of)
     for p in paths[keep:]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
 
 
 def load_model(path, device="cpu", dtype=torch.float32):

@@ -4,6 +4,7 @@ The entry point turns Hydra's composed config into a dict and calls `RunConfig.f
 sees an omegaconf object. Every bad value is a ConfigError whose one-line message names the key.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class TrainSettings:
             self.max_minutes,
             "must be > 0",
         )
-        _check(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _check(0 < self.lr < math.inf, "train.lr", self.lr, "must be positive and finite")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.cycle_mult >= 1, "train.cycle_mult", self.cycle_mult, "must be >= 1")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")

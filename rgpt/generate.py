@@ -134,7 +134,7 @@ class Window:
         else:
             if self.caches is None:
                 self.caches, new = self.model.new_kv_caches(full.shape[0]), full
-            logits = self.model.forward_cached(new, self.caches)[:, -1]
+            logits = self.model.forward_cached(new, self.caches, last_only=True)[:, -1]
         self.tokens = full
         return logits
 

@@ -210,12 +210,19 @@ class GPT:
             for _ in range(cfg.n_layer)
         ]
 
-    def forward_cached(self, idx, caches):
-        """Logits (B, T_new, V) for tokens idx that follow what the caches hold; the caches grow by T_new."""
+    def forward_cached(self, idx, caches, last_only=False):
+        """Logits (B, T_new, V) for tokens idx that follow what the caches hold; the caches grow by T_new.
+
+        last_only: only the last position's logits, (B, 1, V) -- all that decoding needs after a prefill.
+        """
         start, T = caches[0].length, idx.shape[1]
         if start + T > self.config.block_size:
             raise ValueError(f"KV cache overflow: {start} + {T} > block_size {self.config.block_size}")
         x = self.params["wte.weight"][idx] + self.wpe[start : start + T]  # (B, T, C)
         for block, cache in zip(self.h, caches):
             x = block.forward_cached(x, cache)
-        return self.lm_head.forward(self.ln_f.forward(x))  # (B, T_new, V); caches are left to be overwritten
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head.forward(
+            self.ln_f.forward(x)
+        )  # (B, T_new or 1, V); layer caches are left as they are

@@ -17,11 +17,12 @@ from rgpt import checkpoint as ckpt
 from rgpt.config import RunConfig
 from rgpt.data import Batcher, DataConfig, prepare
 from rgpt.distributed import Dist
+from rgpt.generate import DecodeConfig, generate
 from rgpt.monitor import Monitor, Timers, format_seconds, peak_memory_mb
 from rgpt.optim import Adam, clip_grad_norm_
 from rgpt.schedule import learning_rate
 from rgpt.startup import resolve_start, rng_state, set_rng_state
-from rgpt.tokenizer import EOS_ID, PAD_ID
+from rgpt.tokenizer import PAD_ID
 
 
 class Stop(Exception):
@@ -111,6 +112,7 @@ class Trainer:
         ckpt.load_weights(m, best)
         weights = m.flat_params.clone()
         m.flat_params.copy_(current)
+        m.sync_compute()  # the low-precision working copy too (load_weights refreshed it from `best`)
         return weights
 
     def _state(self, **extra) -> dict:
@@ -201,24 +203,13 @@ class Trainer:
 
     def sample(self) -> str:
         """Greedy continuation of the configured prompt: a glimpse of what the model has learned."""
-        mon = self.cfg.monitor
-        ids = (
-            self.tok.encode_prompt([("user", mon.sample_prompt)])
-            if self.cfg.stage == "sft"
-            else self.tok.encode_pretrain(mon.sample_prompt)[:-1]
-        )
-        m = self.model
-        ids = ids[-(m.config.block_size - mon.sample_tokens) :]
+        mon, m = self.cfg.monitor, self.model
+        if self.cfg.stage == "sft":
+            ids = self.tok.encode_prompt([("user", mon.sample_prompt)])
+        else:
+            ids = self.tok.encode_pretrain(mon.sample_prompt)[:-1]  # without the closing <eos>
         m.eval()
-        caches = m.new_kv_caches(1, len(ids) + mon.sample_tokens)
-        logits = m.forward_cached(torch.tensor([ids], device=self.device), caches)
-        out = []
-        for _ in range(mon.sample_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt == EOS_ID:
-                break
-            out.append(nxt)
-            logits = m.forward_cached(torch.tensor([[nxt]], device=self.device), caches)
+        out = generate(m, ids, DecodeConfig(max_new_tokens=mon.sample_tokens))
         m.train()
         return mon.sample_prompt + " → " + self.tok.decode(out)
 
@@ -348,7 +339,8 @@ class Trainer:
                     break
                 if self.stop_reason and self.pos < len(self.batches):
                     break  # a budget ran out mid-epoch: _finish saves `last` with the position
-                self._end_epoch(self.ep_loss / max(self.ep_tokens, 1), t0)
+                # an epoch whose every step was skipped has no train loss (not 0.0, which would look best)
+                self._end_epoch(self.ep_loss / self.ep_tokens if self.ep_tokens else math.nan, t0)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

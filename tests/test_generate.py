@@ -66,10 +66,10 @@ class MarkovModel:
     def new_kv_caches(self, batch):
         return [self.Cache()]
 
-    def forward_cached(self, idx, caches):
+    def forward_cached(self, idx, caches, last_only=False):
         caches[0].length += idx.shape[1]
         assert caches[0].length <= self.config.block_size, "cache overflow"
-        return self.table[idx]
+        return self.table[idx[:, -1:] if last_only else idx]
 
 
 def log_probs(*rows):

@@ -230,3 +230,13 @@ def test_initialisation_follows_the_global_seed():
         "lm_head.weight",
         "lm_head.bias",
     }
+
+
+def test_kv_cache_last_only_logits():
+    model = make_model()
+    model.eval()
+    idx = torch.randint(0, 23, (2, 7))
+    full = model.forward(idx)
+    last = model.forward_cached(idx, model.new_kv_caches(batch=2), last_only=True)
+    assert last.shape == (2, 1, 23)
+    assert_close(last[:, 0], full[:, -1], "last-position logits of a prefill")

@@ -1,0 +1,112 @@
+"""The real conf/ composed by Hydra for both stages and the quick preset, validated into a RunConfig."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import rgpt.train  # noqa: F401  (importing the entry point registers the ${corpus:...} resolver)
+from rgpt.cli import CONF_DIR, CORPUS_DIR, ConfigError
+from rgpt.config import RunConfig
+from rgpt.train import load_run_config
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_config(*overrides) -> RunConfig:
+    return load_run_config(composed(*overrides))
+
+
+REQUIRED_TOP = ("stage", "model", "device", "seed", "run_name", "out_dir", "resume", "resume_from")
+REQUIRED_TRAIN = ("max_epochs", "max_steps", "batch_size", "grad_accum", "lr", "patience", "freeze_attn")
+
+
+@pytest.mark.parametrize("stage, lr", [("pretrain", 5e-4), ("sft", 1e-4)])
+def test_each_stage_composes_into_a_valid_run_config(stage, lr):
+    cfg = composed(f"stage={stage}")
+    for key in REQUIRED_TOP:
+        assert key in cfg, f"missing top-level key {key}"
+    for key in REQUIRED_TRAIN:
+        assert key in cfg.train, f"missing train.{key}"
+    assert "files" in cfg.data
+
+    run = load_run_config(cfg)
+    assert isinstance(run, RunConfig)
+    assert run.stage == stage
+    assert run.train.lr == pytest.approx(lr), f"{stage}: lr {run.train.lr}"
+    assert run.train.grad_accum == 4
+    assert run.train.patience == 30
+    assert run.train.freeze_attn is False
+    assert run.train.max_steps is None
+    assert run.resume is False and run.resume_from is None
+    assert run.model.name == "base" and run.model.n_embd == 512
+    # ${corpus:<stage>} resolved to the built-in corpus directory of this stage
+    assert [Path(f) for f in run.data.files] == [CORPUS_DIR / stage]
+    assert Path(run.data.files[0]).is_dir()
+    assert {k: [Path(f) for f in v] for k, v in run.tokenizer.files.items()} == {
+        "pretrain": [CORPUS_DIR / "pretrain"],
+        "sft": [CORPUS_DIR / "sft"],
+    }
+    assert run.run_dir == Path("outputs") / stage / "default"
+    # library code sees plain values only: no omegaconf containers anywhere
+    for part in (run, run.model, run.train, run.data, run.tokenizer, run.checkpoint, run.monitor):
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            assert type(value).__module__.split(".")[0] != "omegaconf", f"{f.name} is {type(value)}"
+
+
+def test_quick_preset_is_a_small_pretraining_run_without_checkpoints():
+    run = run_config("+preset=quick")
+    assert run.stage == "pretrain"
+    assert run.model.name == "small" and run.model.n_embd == 256 and run.model.n_layer == 2
+    assert run.checkpoint.strategy == "none"
+    assert run.run_name == "quick"
+    assert run.train.max_epochs == 3
+
+
+def test_command_line_values_are_coerced_to_the_declared_types():
+    run = run_config("model=tiny", "train.max_steps=12", "train.lr=0.001", "train.freeze_attn=true", "seed=7")
+    assert run.model.n_embd == 32
+    assert run.train.max_steps == 12 and isinstance(run.train.max_steps, int)
+    assert run.train.lr == 1e-3 and isinstance(run.train.lr, float)
+    assert run.train.freeze_attn is True and run.seed == 7
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=abc", "train.lr"),
+        ("train.lr=inf", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.freeze_attn=maybe", "train.freeze_attn"),
+        ("seed=abc", "seed"),
+        ("train.batch_size=null", "train.batch_size"),
+        ("train.batch_size=true", "train.batch_size"),
+        ("train.max_steps=2.5", "train.max_steps"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.schedule=linear", "train.schedule"),
+        ("+train.bogus=1", "train.bogus"),
+        ("+bogus=1", "bogus"),
+        ("stage=pretrain", None),  # control: valid
+    ],
+)
+def test_bad_values_are_one_line_config_errors_naming_the_key(override, key):
+    if key is None:
+        run_config(override)
+        return
+    with pytest.raises(ConfigError) as e:
+        run_config(override)
+    message = str(e.value)
+    assert key in message, f"{override}: message does not name {key}: {message}"
+    assert "\n" not in message
+
+
+def test_unknown_stage_in_a_dict_is_refused():
+    raw = {"stage": "finetune", "model": {}, "train": {}, "data": {"files": ["x"]}}
+    with pytest.raises(ConfigError, match="stage"):
+        RunConfig.from_dict(raw)
