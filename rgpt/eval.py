@@ -1,4 +1,4 @@
-"""python -m rgpt.eval [checkpoint=PATH] data.path=FILE [task=lm|sft] [key=value ...]
+"""python -m rgpt.eval [checkpoint=PATH] [data.path=FILE] [task=lm|sft] [key=value ...]
 
 Measures a checkpoint on a corpus in one streaming pass (every key: conf/eval.yaml):
 - task=lm: every passage (a line of a .txt, a {"text"} record, ...) is scored as in pretraining,

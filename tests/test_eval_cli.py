@@ -81,10 +81,19 @@ def test_sft_reports_exact_match_and_char_f1(tiny_run, tmp_path):
     assert f"over {n} prompts" in proc.stdout
 
 
+def test_bare_command_scores_the_builtin_corpus(tiny_run, tmp_path):
+    """`python -m rgpt.eval` as users type it: the built-in pretraining text, the newest run's model."""
+    out_dir, _ = tiny_run
+    proc = run_cli("eval", f"out_dir={out_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = last_json(proc.stdout)
+    assert got["chars"] > 50_000 and got["tokens"] > 0 and "corpus/pretrain" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "data.path is required"),
+        (["data.path=null"], "data.path is required"),
         (["data.path=nothing.txt"], "nothing.txt: no such file or directory"),
         (["data.path=sft.jsonl"], "for an instruction set use task=sft"),
         (["data.path=sft.jsonl", "out_dir=nowhere", "checkpoint=null"], "python -m rgpt.train"),
