@@ -6,7 +6,8 @@ one tensor instead of dozens. Names follow nanoGPT (``wte.weight``, ``h.0.attn.c
 
 Mixed precision (compute_dtype=torch.bfloat16 with dtype=torch.float32): the flat buffers stay float32
 (master weights, gradients, Adam state), and the Linear layers -- laid out first in the flat buffer --
-compute from a bfloat16 copy of their weights that `sync_compute()` refreshes after every update.
+compute from a bfloat16 copy of their weights (`flat_compute`). Adam rewrites it as it updates the master
+weights (its `shadow`); `sync_compute()` refreshes it after anything else changes them (a load, a rollback).
 """
 
 import math
@@ -136,7 +137,7 @@ class GPT:
         self.sync_compute()
 
     def sync_compute(self):
-        """Refresh the low-precision working copy from the master weights (after an update or a load)."""
+        """Refresh the low-precision working copy from the master weights (after a load or a rollback)."""
         if self.flat_compute is not None:
             self.flat_compute.copy_(self.flat_params[: self.flat_compute.numel()])
 

@@ -21,11 +21,18 @@ def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
     return norm
 
 
+CHUNK = 1 << 17  # elements updated together: the chunk's m, v, g, p stay in cache across all of Adam's ops
+
+
 class Adam:
     """Adam with bias correction; weight_decay > 0 makes it AdamW (decoupled), applied to `decay` names only.
 
     params/grads: the model's name -> view dicts; flat_params/flat_grads: the buffers those views share.
     frozen: names that must not move (their gradients and first moments are zeroed before every step).
+    shadow: an optional lower-precision copy of the first shadow.numel() parameters (the model's bfloat16
+    working copy), rewritten from the updated weights in the same pass.
+    The update runs chunk by chunk: each chunk goes through every operation while it is in cache, so the
+    step reads and writes each buffer about once, and needs no parameter-sized scratch buffer.
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class Adam:
         weight_decay=0.0,
         decay=(),
         frozen=(),
+        shadow=None,
     ):
         self.params, self.grads = params, grads
         self.flat_params, self.flat_grads = flat_params, flat_grads
@@ -49,7 +57,7 @@ class Adam:
         state_dtype = torch.promote_types(flat_params.dtype, torch.float32)
         self.m = torch.zeros(flat_params.numel(), device=flat_params.device, dtype=state_dtype)
         self.v = torch.zeros_like(self.m)
-        self._denom = torch.empty_like(self.m)  # scratch, reused every step
+        self.shadow = shadow
         self.t = 0
         self.decay = [params[n] for n in decay]
         self.frozen = list(frozen)
@@ -69,18 +77,26 @@ class Adam:
             self._state_view(self.m, name).zero_()
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        g = self.flat_grads.to(self.m.dtype)
-        self.m.lerp_(g, 1.0 - b1)  # m = b1 m + (1 - b1) g
-        self.v.mul_(b2).addcmul_(g, g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2
         bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
         if self.weight_decay and self.decay:
             torch._foreach_mul_(self.decay, 1.0 - lr * self.weight_decay)  # p -= lr * wd * p, before the step
-        # p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bias1 and v_hat = v / bias2
-        torch.sqrt(self.v, out=self._denom).div_(math.sqrt(bias2)).add_(self.eps)
-        if self.flat_params.dtype == self.m.dtype:
-            self.flat_params.addcdiv_(self.m, self._denom, value=-lr / bias1)
-        else:
-            self.flat_params.add_((self.m / self._denom).mul_(-lr / bias1).to(self.flat_params.dtype))
+        # p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / bias1, v_hat = v / bias2; multiplying through by
+        # sqrt(bias2): p -= (lr * sqrt(bias2) / bias1) * m / (sqrt(v) + eps * sqrt(bias2))
+        step_size, eps = lr * math.sqrt(bias2) / bias1, self.eps * math.sqrt(bias2)
+        n, n_shadow = self.m.numel(), 0 if self.shadow is None else self.shadow.numel()
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            p, g, m, v = self.flat_params[a:b], self.flat_grads[a:b], self.m[a:b], self.v[a:b]
+            g = g.to(m.dtype)
+            m.lerp_(g, 1.0 - b1)  # m = b1 m + (1 - b1) g
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2
+            denom = v.sqrt().add_(eps)
+            if p.dtype == m.dtype:
+                p.addcdiv_(m, denom, value=-step_size)
+            else:
+                p.add_((m / denom).mul_(-step_size).to(p.dtype))
+            if a < n_shadow:
+                self.shadow[a : min(b, n_shadow)].copy_(p[: min(b, n_shadow) - a])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors by name (safetensors-friendly): step, and m/v per parameter."""

@@ -96,8 +96,7 @@ def new_rgpt(cfg: GPTConfig, device, precision: str) -> GPT:
 
 def rgpt_step(cfg, device, precision, idx, targets):
     model = new_rgpt(cfg, device, precision)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
-    refresh = getattr(model, "sync_compute", lambda: None)  # bf16 working copy of the updated weights
+    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
 
     def step():
         model.zero_grad()
@@ -105,7 +104,6 @@ def rgpt_step(cfg, device, precision, idx, targets):
         model.backward()
         clip_grad_norm_(model.flat_grads, CLIP)
         opt.step(LR)
-        refresh()
 
     return step
 
@@ -282,7 +280,7 @@ def rgpt_phases(cfg, device, idx, targets, repeats=3) -> dict:
         "forward": lambda: model.forward(idx, targets),
         "backward": model.backward,
         "clip": lambda: clip_grad_norm_(model.flat_grads, CLIP),
-        "Adam": lambda: (opt.step(LR), getattr(model, "sync_compute", lambda: None)()),
+        "Adam": lambda: opt.step(LR),
     }
     sync, times = synchronizer(device), {k: [] for k in phases}
     for i in range(repeats + 1):
@@ -336,7 +334,6 @@ def epoch_seconds(tok, files, cfg, device, cache_dir, batch_size=16, grad_accum=
             model.backward(scale=b.n_tokens / n_total)
         clip_grad_norm_(model.flat_grads, CLIP)
         opt.step(LR)
-        getattr(model, "sync_compute", lambda: None)()
         return float(loss_sum) / n_total
 
     sync()

@@ -50,13 +50,12 @@ def test_bf16_gradients_match_float64_reference():
 
 def test_bf16_master_weights_and_working_copy():
     model = GPT(tiny_config(), compute_dtype=torch.bfloat16)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
     assert model.flat_params.dtype == torch.float32 and opt.m.dtype == torch.float32
     idx, targets = batch()
     model.forward(idx, targets)
     model.backward()
-    opt.step(1e-2)
-    model.sync_compute()
+    opt.step(1e-2)  # rewrites the bf16 working copy from the updated float32 weights as it goes
     w = model.params["h.0.attn.c_attn.weight"]
     working = model.h[0].attn.c_attn.params["weight"]
     assert working.dtype == torch.bfloat16 and torch.equal(working, w.to(torch.bfloat16))
@@ -67,7 +66,7 @@ def _train_curve(compute_dtype, steps=200):
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=40, n_embd=32, n_hidden=64, dropout=0.0, block_size=16)
     model = GPT(cfg, compute_dtype=compute_dtype)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
     gen = torch.Generator().manual_seed(1)
     base = torch.randint(0, 40, (64, 17), generator=gen)  # a small corpus the model can learn
     losses = []
@@ -79,7 +78,6 @@ def _train_curve(compute_dtype, steps=200):
         model.backward()
         clip_grad_norm_(model.flat_grads, 5.0)
         opt.step(3e-3)
-        model.sync_compute()
         losses.append(loss.item())
     return torch.tensor(losses)
 
