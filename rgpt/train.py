@@ -33,13 +33,19 @@ def main(cfg) -> None:
     dist = Dist.from_env(device.type, run.dist_timeout_s)  # under torchrun: join the other ranks
     if dist.world > 1 and device.type == "cuda":
         device = dist.device  # each rank on cuda:LOCAL_RANK
+    if dist.is_main and run.train.grad_accum % dist.world:
+        print(
+            f"notice: train.grad_accum={run.train.grad_accum} micro-batches per step do not split evenly over "
+            f"{dist.world} processes: some wait idle every step (use a multiple of {dist.world})"
+        )
     try:
         result = Trainer(run, device, dist).run()
         # leave together: once one rank exits non-zero (130 after a signal) torchrun kills the others,
         # which must not catch rank 0 in the middle of saving `last`
         dist.barrier("waiting for rank 0's last save")
     except (Stop, DistError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.is_main or isinstance(e, DistError):  # every rank stops alike; a DistError is this rank's own
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         dist.close()

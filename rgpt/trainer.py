@@ -70,6 +70,7 @@ class Trainer:
             betas=(t.beta1, t.beta2),
             eps=t.eps,
             weight_decay=t.weight_decay,
+            shadow=m.flat_compute,
             decay=decay,
             frozen=frozen,
         )
@@ -175,8 +176,7 @@ class Trainer:
                 self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
             self._time_up = bool(time_up)
             if math.isfinite(loss_value) and math.isfinite(norm_value):
-                self.opt.step(self.lr())
-                m.sync_compute()
+                self.opt.step(self.lr())  # also refreshes the bf16 working copy (shadow)
             self.step += 1
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
 
