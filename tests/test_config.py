@@ -25,7 +25,7 @@ REQUIRED_TOP = ("stage", "model", "device", "seed", "run_name", "out_dir", "resu
 REQUIRED_TRAIN = ("max_epochs", "max_steps", "batch_size", "grad_accum", "lr", "patience", "freeze_attn")
 
 
-@pytest.mark.parametrize("stage, lr", [("pretrain", 5e-4), ("sft", 1e-4)])
+@pytest.mark.parametrize("stage, lr", [("pretrain", 5e-4), ("sft", 1e-3)])  # sft: see conf/stage/sft.yaml
 def test_each_stage_composes_into_a_valid_run_config(stage, lr):
     cfg = composed(f"stage={stage}")
     for key in REQUIRED_TOP:
