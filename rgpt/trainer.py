@@ -77,11 +77,8 @@ class Trainer:
         # where the run stands; all of it goes into every checkpoint's state.json
         self.epoch, self.pos, self.step = 0, 0, 0  # pos: micro-batches of `epoch` already consumed
         self.best, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
-        self.ep_loss, self.ep_tokens, self.tokens = (
-            0.0,
-            0,
-            0,
-        )  # this epoch's loss sum/tokens; tokens ever seen
+        # this epoch's token-weighted loss sum and its tokens; all tokens seen by the run
+        self.ep_loss, self.ep_tokens, self.tokens = 0.0, 0, 0
         self.history = []  # per-epoch summaries
         if start.state is not None:
             self._restore(start.state, start.source)
@@ -161,9 +158,8 @@ class Trainer:
             with timers("forward"):
                 loss = m.forward(b.idx, b.targets)
             with timers("backward"):
-                m.backward(
-                    scale=b.n_tokens / n_total
-                )  # token-weighted: the group's mean, not a mean of means
+                # token-weighted: the gradient of the group's mean loss, not a mean of means
+                m.backward(scale=b.n_tokens / n_total)
             stats[0] += loss.double() * b.n_tokens
         stats[1] = self._pending is not None
         stats[2] = d.is_main and time.perf_counter() >= self._deadline
