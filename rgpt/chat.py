@@ -11,6 +11,7 @@ Notices (the checkpoint chosen, truncated input, forgotten turns) go to stderr, 
 
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -346,6 +347,9 @@ def _main(cfg) -> None:
             chat.reply(c.prompt.strip(), out=sys.stdout)
             sys.stdout.write("\n")
         elif sys.stdin.isatty():
+            # someone at a terminal leaves with Ctrl-C, even when started from a context that ignores
+            # SIGINT (a shell's background job inherits SIG_IGN, and Python then installs no handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             interactive(chat, path)
         else:
             note(f"rgpt chat: {path}")

@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 
@@ -109,6 +110,9 @@ class Terminal:
         if self.pid == 0:  # the child: become the CLI
             os.chdir(cwd)
             os.environ["OMP_NUM_THREADS"] = "1"
+            # start as a shell's background job would: with SIGINT ignored, which exec inherits;
+            # Ctrl-C at the prompt must still end the chat
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execv(sys.executable, [sys.executable, "-m", "rgpt.chat", *args])
         self.out = b""
         self.mark = 0  # where the output after the last keystrokes starts: markers are looked for there
