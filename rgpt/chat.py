@@ -20,7 +20,7 @@ import torch
 
 from rgpt.checkpoint import CheckpointError, default_for_inference, find, load_model
 from rgpt.cli import ConfigError, hydra_main, resolve_device
-from rgpt.generate import DecodeConfig, beam_search, make_generator, stream
+from rgpt.generate import DecodeConfig, generate, make_generator, stream
 from rgpt.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
 
 # Override keys whose values are free text or paths: quoted for Hydra before it parses the command line,
@@ -226,17 +226,8 @@ class Chat:
         prompt, question, notices = self.conversation.prompt(question)
         for n in notices:
             note(n)
-        if self.decode.method == "beam":
-            d = self.decode
-            ids, _ = beam_search(
-                self.model,
-                prompt,
-                beam_width=d.beam_width,
-                max_new_tokens=d.max_new_tokens,
-                length_penalty=d.length_penalty,
-                repetition_penalty=d.repetition_penalty,
-                min_new_tokens=d.min_new_tokens,
-            )
+        if self.decode.method == "beam":  # beams cannot stream: the best one is known only at the end
+            ids = generate(self.model, prompt, self.decode)
             shown = self.tok.decode(ids)
             if out is not None:
                 out.write(shown)
