@@ -83,17 +83,21 @@ class CausalSelfAttention(Layer):
         return self.c_attn.backward(dqkv)
 
     def forward_cached(self, x, cache: KVCache):
-        """Inference only: x (B, T_new, C) holds the positions after the cache's; appends their k, v."""
+        """Inference only: x (B, T_new, C) holds the positions after the cache's; appends their k, v.
+
+        The cache is float32 at least (see GPT.new_kv_caches) and the products run in it, but they are
+        rounded to the compute dtype where forward() rounds them, so both give the same logits.
+        """
         B, T, C = x.shape
         start = cache.length
         q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        low, wide = q.dtype, cache.k.dtype  # compute dtype (bfloat16 under mixed precision), cache dtype
         cache.k[:, :, start : start + T] = k
         cache.v[:, :, start : start + T] = v
         cache.length = end = start + T
-        scores = torch.matmul(q, cache.k[:, :, :end].transpose(-2, -1)) / math.sqrt(
-            q.shape[-1]
-        )  # (B,H,T,end)
-        scores = scores.to(torch.promote_types(q.dtype, torch.float32))
+        scores = torch.matmul(q.to(wide), cache.k[:, :, :end].transpose(-2, -1)).to(low).to(wide)
+        scores.mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, end)
         scores.masked_fill_(self.future[start:end, :end], float("-inf"))  # new rows of the causal mask
-        y = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), cache.v[:, :, :end])  # (B, H, T, D)
+        att = torch.softmax(scores, dim=-1).to(low).to(wide)
+        y = torch.matmul(att, cache.v[:, :, :end]).to(low)  # (B, H, T, D)
         return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rgpt.attention import CausalSelfAttention
-from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
+from rgpt.layers import FEW_ROWS, MLP, Dropout, Embedding, LayerNorm, Linear, _few_rows, sinusoidal_positions
 from rgpt.loss import CrossEntropy
 from tests.helpers import assert_close, autograd_grads
 
@@ -35,6 +35,25 @@ def test_linear():
     assert_close(dx, rdx, "linear dx")
     assert_close(lin.grads["weight"], rdw, "linear dW")
     assert_close(lin.grads["bias"], rdb, "linear db")
+
+
+@pytest.mark.parametrize("n_out, split", [(12, True), (9, True), (25, True), (11, False)])
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_product_equals_the_plain_one(n_out, split, rows, bias):
+    """Decoding's batched row-block product computes exactly what addmm computes (and is really taken)."""
+    lin = Linear(6, n_out, std=0.3, bias=bias, **KW)
+    randomise(lin)
+    w, b = lin.params["weight"], lin.params.get("bias")
+    x = torch.randn(rows, 6, dtype=DT)
+    fast = _few_rows(x, w, b)
+    assert (fast is not None) == split, (
+        f"{n_out} output rows: the split path should {'' if split else 'not '}apply"
+    )
+    if split:
+        assert_close(fast, F.linear(x, w, b), "row-block product vs F.linear")
+    assert_close(lin.forward(x[:, None]), F.linear(x[:, None], w, b), "Linear.forward with few rows")
+    assert _few_rows(torch.randn(FEW_ROWS + 1, 6, dtype=DT), w, b) is None, "more rows take the plain product"
 
 
 def test_gradients_accumulate_not_assign():
