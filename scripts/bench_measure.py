@@ -158,7 +158,7 @@ def reference_step(cfg, device, precision, idx, targets, compiled=False, same_we
             return None
         shape = (B, T, cfg.n_embd)
         return [
-            tuple(torch.empty(shape, device=device).bernoulli_(keep).div_(keep) for _ in range(2))
+            tuple(torch.rand(shape, device=device).lt_(keep).div_(keep) for _ in range(2))
             for _ in range(cfg.n_layer)
         ]
 
