@@ -91,6 +91,32 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     return spec
 
 
+ALLOCATORS = ("keep", "system")
+
+
+def set_allocator(mode: str) -> bool:
+    """allocator=keep: glibc's malloc keeps freed memory for reuse; returns whether anything was changed.
+
+    By default glibc hands every block of 32 MiB or more (and, early on, much smaller ones) straight back
+    to the kernel when freed, so the next step's logits, their float32 copy and their gradient are fresh
+    pages that the kernel must map and zero again, every step. With mmap off and trimming raised, freed
+    blocks stay in the heap and are reused. Measured (model=base, bf16, 2 threads): steps 10-20% faster,
+    peak RSS within a few percent. "system" leaves glibc's defaults. A no-op where the C library is not glibc.
+    """
+    if mode not in ALLOCATORS:
+        raise ConfigError(f"allocator={mode!r} is not one of {', '.join(ALLOCATORS)}")
+    if mode == "system" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def hydra_main(config_name: str):
     """hydra.main over the repository's conf/, with the `${corpus:NAME}` resolver and one-line errors."""
     import hydra

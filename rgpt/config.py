@@ -207,6 +207,7 @@ class RunConfig:
     resume: bool = False
     resume_from: "str | None" = None
     threads: "int | None" = None
+    allocator: str = "keep"
     dist_timeout_s: float = 600.0
 
     @property
@@ -243,6 +244,7 @@ class RunConfig:
             "must be auto, fp32 or bf16",
         )
         _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1 or null")
+        _check(cfg.allocator in ("keep", "system"), "allocator", cfg.allocator, "must be keep or system")
         _check(cfg.dist_timeout_s > 0, "dist_timeout_s", cfg.dist_timeout_s, "must be positive")
         _check(
             bool(str(cfg.run_name).strip()) and "/" not in str(cfg.run_name),

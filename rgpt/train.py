@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from rgpt.cli import ConfigError, hydra_main, resolve_device, resolve_precision
+from rgpt.cli import ConfigError, hydra_main, resolve_device, resolve_precision, set_allocator
 from rgpt.config import RunConfig
 from rgpt.distributed import Dist, DistError, hydra_overrides
 
@@ -27,6 +27,7 @@ def main(cfg) -> None:
     run.precision = resolve_precision(run.precision, device)
     if run.threads:
         torch.set_num_threads(run.threads)
+    set_allocator(run.allocator)
     torch.set_grad_enabled(False)  # rgpt computes every gradient by hand
     from rgpt.trainer import Stop, Trainer
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import bench_measure as bm
 import torch
 
-from rgpt.cli import CORPUS_DIR, friendly, resolve_device
+from rgpt.cli import ALLOCATORS, CORPUS_DIR, friendly, resolve_device, set_allocator
 from rgpt.data import build_tokenizer, tokenize_throughput
 
 SECTIONS = ("train", "memory", "generate", "tokenizer", "epoch", "profile")
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--allocator", default="keep", choices=ALLOCATORS, help="as the allocator key of conf/")
     p.add_argument("--models", default="base,small", help="comma-separated conf/model names")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tokenizer's)")
     p.add_argument("--pretrain", nargs="+", default=[str(CORPUS_DIR / "pretrain")], help="pretraining corpus")
@@ -97,7 +98,7 @@ def table(headers, rows) -> str:
     return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(row) for row in rows])
 
 
-def machine(device) -> str:
+def machine(device, allocator: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
@@ -107,7 +108,7 @@ def machine(device) -> str:
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs ({usable} usable){gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; device {device}"
+        f"{torch.get_num_threads()} threads; allocator={allocator}; device {device}"
     )
 
 
@@ -186,7 +187,7 @@ def memory_child(args, device, V) -> None:
 
 def run_memory_child(args, device, V, spec: str) -> dict | str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", spec, "--vocab", str(V)]
-    cmd += ["--device", str(device), "--threads", str(torch.get_num_threads())]
+    cmd += ["--device", str(device), "--threads", str(torch.get_num_threads()), "--allocator", args.allocator]
     cmd += ["--dropout", str(args.dropout), "--ref-adam", args.ref_adam] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -302,6 +303,7 @@ def main(argv=None):
     args.matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_allocator(args.allocator)  # for rgpt and the autograd reference alike: they share this process
     if args.memory_child:
         return memory_child(args, device, args.vocab)
     started, load0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), load()
@@ -330,7 +332,7 @@ def main(argv=None):
         "# rgpt benchmark",
         "",
         f"- date: {started}; load average {load0} at the start, {load()} at the end",
-        f"- machine: {machine(device)}",
+        f"- machine: {machine(device, args.allocator)}",
         f"- matmul ceiling ({n}×{n} @ {n}×{n}; the best of 5 at the start and 2 after each training row): "
         f"fp32 {num(ceiling['fp32'] / 1e9)} GFLOP/s, bf16 {num(ceiling['bf16'] / 1e9)} GFLOP/s",
         f"- vocabulary V = {V}; dropout {args.dropout}; {args.warmup} warm-up steps, then {args.rounds} "

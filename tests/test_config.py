@@ -92,6 +92,7 @@ def test_command_line_values_are_coerced_to_the_declared_types():
         ("train.schedule=linear", "train.schedule"),
         ("+train.bogus=1", "train.bogus"),
         ("+bogus=1", "bogus"),
+        ("allocator=jemalloc", "allocator"),
         ("stage=pretrain", None),  # control: valid
     ],
 )
