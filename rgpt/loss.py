@@ -25,11 +25,8 @@ class CrossEntropy:
         if n == 0:
             raise ValueError("cross-entropy over a batch with no target tokens (all are -100)")
         # statistics in float32 at least, whatever the logits' dtype; log_softmax subtracts the max (stable)
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        if logits.dtype == wide:
-            logp = torch.log_softmax(logits, dim=-1, out=logits)  # (N_all, V), in place
-        else:
-            logp = torch.log_softmax(logits, dim=-1, dtype=wide)
+        work = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no copy if already float32
+        logp = torch.log_softmax(work, dim=-1, out=work)  # (N_all, V), in place
         safe_t = targets.clamp_min(0)  # -100 would index out of range; those rows are masked below
         logp_t = logp.gather(1, safe_t[:, None]).squeeze(1)  # (N_all,) log-probability of each target
         loss = -(logp_t * valid).sum() / n
