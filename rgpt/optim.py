@@ -21,7 +21,10 @@ def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
     return norm
 
 
-CHUNK = 1 << 17  # elements updated together: the chunk's m, v, g, p stay in cache across all of Adam's ops
+# elements updated together: the chunk's m, v, g, p (4 MiB in float32) stay in cache across all of Adam's
+# ops, while each op still has enough work to hide its launch cost (2 threads, base: 1<<16 19.5 ms,
+# 1<<17 16.5 ms, 1<<18 15.0 ms, 1<<20 15.2 ms a step, i.e. ~40 GB/s of the ~55 a plain sum streams)
+CHUNK = 1 << 18
 
 
 class Adam:

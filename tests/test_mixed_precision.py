@@ -1,7 +1,9 @@
 """bfloat16 compute with float32 master weights: gradients against the float64 reference, and training."""
 
+import pytest
 import torch
 
+from rgpt import optim
 from rgpt.model import GPT
 from rgpt.optim import Adam, clip_grad_norm_
 from tests.reference import reference_from
@@ -48,7 +50,10 @@ def test_bf16_gradients_match_float64_reference():
         )
 
 
-def test_bf16_master_weights_and_working_copy():
+@pytest.mark.parametrize("chunk", [None, 1000])  # 1000: the working copy ends inside a chunk
+def test_bf16_master_weights_and_working_copy(chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(optim, "CHUNK", chunk)
     model = GPT(tiny_config(), compute_dtype=torch.bfloat16)
     opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
     assert model.flat_params.dtype == torch.float32 and opt.m.dtype == torch.float32
@@ -60,6 +65,9 @@ def test_bf16_master_weights_and_working_copy():
     working = model.h[0].attn.c_attn.params["weight"]
     assert working.dtype == torch.bfloat16 and torch.equal(working, w.to(torch.bfloat16))
     assert model.h[0].ln_1.params["weight"].dtype == torch.float32  # LayerNorm stays in float32
+    n = model.flat_compute.numel()
+    assert chunk is None or n % chunk, "the working copy should end inside a chunk"
+    assert torch.equal(model.flat_compute, model.flat_params[:n].to(torch.bfloat16)), "whole working copy"
 
 
 def _train_curve(compute_dtype, steps=200):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rgpt import optim
 from rgpt.model import GPT, GPTConfig
 from rgpt.optim import Adam, clip_grad_norm_
 from tests.helpers import assert_close
@@ -112,9 +113,15 @@ def test_clipping_matches_torch():
         assert_close(ours, p.grad, f"clipped gradient (max_norm={max_norm})")
 
 
+@pytest.mark.parametrize(
+    "chunk", [None, 1000]
+)  # None: the model fits one chunk; 1000: many, the last partial
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_ten_adam_steps_match_torch_optim(weight_decay):
+def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(optim, "CHUNK", chunk)
     model = make_model()
+    assert chunk is None or model.flat_params.numel() % chunk, "the last chunk should be a partial one"
     model.eval()
     ref = reference_from(model)
     decay = [n for n, p in model.params.items() if p.dim() >= 2]
