@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="training steps per variant per round")
     p.add_argument("--prompt-len", type=int, default=20, help="generation: prompt tokens (prefilled)")
-    p.add_argument("--new-tokens", type=int, default=100, help="generation: greedy tokens after it")
+    p.add_argument("--new-tokens", default="100,200", help="generation: greedy tokens after it (a list)")
     p.add_argument("--matmul-n", type=int, default=None, help="square matmul ceiling (2048 CPU, 8192 CUDA)")
     p.add_argument("--ref-adam", choices=tuple(ADAM), default="default", help="torch.optim.Adam variant")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
@@ -76,7 +76,11 @@ def parse_args(argv=None):
         p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args.quick:
         args.warmup, args.rounds, args.steps = 1, 2, 1
-        args.prompt_len, args.new_tokens, args.matmul_n = 4, 8, 256
+        args.prompt_len, args.new_tokens, args.matmul_n = 4, "8", 256
+    try:
+        args.new_tokens = [int(n) for n in str(args.new_tokens).split(",")]
+    except ValueError:
+        p.error(f"--new-tokens: {args.new_tokens!r} is not a comma-separated list of counts")
     return args
 
 
@@ -233,23 +237,28 @@ def bench_generation(args, device, V):
             try:
                 model = bm.new_rgpt(cfg, device, prec)
             except bm.NotAvailable as e:
-                rows.append([name, prec, f"n/a ({e})", "—", "—", "—", "—"])
+                rows.append([name, prec, "—", f"n/a ({e})", "—", "—", "—", "—"])
                 continue
-            log(f"generate: {name} {prec}")
             model.eval()
             g = torch.Generator().manual_seed(1)
             prompt = torch.randint(7, V, (args.prompt_len,), generator=g).tolist()
-            secs, outs = bm.generation_rounds(model, prompt, args.new_tokens, args.rounds, sync)
-            tok_s = {k: args.new_tokens / statistics.median(v) for k, v in secs.items()}
-            same = next(
-                (f"no, from token {i}" for i, (a, b) in enumerate(zip(outs[True], outs[False])) if a != b),
-                "yes",
-            )
-            rust = f"{tok_s[True] / RUST_GENERATE:.2f}×" if name == "small" else "—"
-            rows.append(
-                [name, prec, num(tok_s[True]), num(tok_s[False]), ratio(secs[True], secs[False]), same, rust]
-            )
-    headers = ["model", "precision", "KV cache tok/s", "recompute tok/s", "cache / recompute", "same tokens"]
+            for n_new in args.new_tokens:
+                log(f"generate: {name} {prec} {n_new} tokens")
+                secs, outs = bm.generation_rounds(model, prompt, n_new, args.rounds, sync)
+                tok_s = {k: n_new / statistics.median(v) for k, v in secs.items()}
+                same = next(
+                    (
+                        f"no, from token {i}"
+                        for i, (a, b) in enumerate(zip(outs[True], outs[False]))
+                        if a != b
+                    ),
+                    "yes",
+                )
+                rust = f"{tok_s[True] / RUST_GENERATE:.2f}×" if name == "small" else "—"
+                cache, recompute = num(tok_s[True]), num(tok_s[False])
+                rows.append([name, prec, n_new, cache, recompute, ratio(secs[True], secs[False]), same, rust])
+    headers = ["model", "precision", "new tokens", "KV cache tok/s", "recompute tok/s", "cache / recompute"]
+    headers.append("same tokens")
     return table(headers + ["× Rust ref"], rows)
 
 
@@ -338,7 +347,8 @@ def main(argv=None):
         f"- vocabulary V = {V}; dropout {args.dropout}; {args.warmup} warm-up steps, then {args.rounds} "
         f"interleaved rounds of {args.steps} steps per variant" + (" (--quick)" if args.quick else ""),
     ]
-    notes = FOOTNOTES.format(prompt=args.prompt_len, new=args.new_tokens, adam=ADAM_NOTE[args.ref_adam])
+    new = " or ".join(map(str, args.new_tokens))
+    notes = FOOTNOTES.format(prompt=args.prompt_len, new=new, adam=ADAM_NOTE[args.ref_adam])
     report = "\n".join(header) + "\n\n" + "\n\n".join(parts) + "\n\n" + notes
     print(report)
     out = Path(args.out)

@@ -78,6 +78,7 @@ def test_quick_run_prints_training_generation_and_data_tables(tmp_path):
     gen = rows(report, "## Generation")
     fp32 = next(r for r in gen if r["precision"] == "fp32")
     assert RATIO.match(fp32["cache / recompute"]), fp32
+    assert fp32["new tokens"] == "8", fp32  # --quick decodes 8 tokens
     assert fp32["same tokens"] == "yes" or fp32["same tokens"].startswith("no, from token"), fp32
 
     data = {r["what"]: r["result"] for r in rows(report, "## Data and a full epoch")}
