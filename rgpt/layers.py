@@ -87,10 +87,11 @@ class Linear(Layer):
     def backward(self, dy):  # dy: (..., out)
         x2 = self.cache
         w = self.params["weight"]
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)  # (M, out)
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        if "bias" in self.grads:  # db += sum of dy over rows, in dy's own dtype (float32 in the blocks)
+            self.grads["bias"] += dy2.sum(0)
+        dy2 = dy2.to(w.dtype)
         add_matmul_(self.grads["weight"], dy2.t(), x2)  # dW += dy^T x    (out, in)
-        if "bias" in self.grads:
-            self.grads["bias"] += dy2.sum(0, dtype=self.grads["bias"].dtype)
         dx = dy2 @ w  # (M, in)
         self.cache = None
         return dx.view(*dy.shape[:-1], w.shape[1])
