@@ -9,15 +9,22 @@ import math
 import torch
 
 
-def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Scale `grad` in place so its global L2 norm is at most max_norm; return the norm before clipping.
+def clip_coef(grad: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global L2 norm of grad, the factor that clips it to max_norm), both 0-dim tensors (no host sync).
 
-    Same rule as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when < 1.
-    The norm stays a tensor (no host sync); a non-finite norm leaves grad untouched for the caller to judge.
+    Same rule as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6) where that is < 1, else 1;
+    a non-finite norm gives coef 1 (the gradient is left alone for the caller to judge).
+    Pass coef to Adam.step(grad_scale=...) to clip inside the optimizer's pass over the gradient.
     """
     norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
     coef = (max_norm / (norm + 1e-6)).clamp_max(1.0)
-    grad.mul_(torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)).to(grad.dtype))
+    return norm, torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+
+
+def clip_grad_norm_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale `grad` in place so its global L2 norm is at most max_norm; return the norm before clipping."""
+    norm, coef = clip_coef(grad, max_norm)
+    grad.mul_(coef.to(grad.dtype))
     return norm
 
 
@@ -74,7 +81,9 @@ class Adam:
         start, end = self._offsets[name]
         return buf[start:end].view(self.params[name].shape)
 
-    def step(self, lr: float):
+    def step(self, lr: float, grad_scale: torch.Tensor | None = None):
+        """One update from the gradients in flat_grads, first multiplied by grad_scale if given (in place,
+        chunk by chunk: clipping by clip_coef's factor costs no extra pass over the gradient buffer)."""
         for name in self.frozen:  # gradients still flowed *through* these weights; they just do not move
             self.grads[name].zero_()
             self._state_view(self.m, name).zero_()
@@ -90,6 +99,8 @@ class Adam:
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
             p, g, m, v = self.flat_params[a:b], self.flat_grads[a:b], self.m[a:b], self.v[a:b]
+            if grad_scale is not None:
+                g.mul_(grad_scale.to(g.dtype))  # the chunk is in cache now: clipping is nearly free here
             g = g.to(m.dtype)
             m.lerp_(g, 1.0 - b1)  # m = b1 m + (1 - b1) g
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2

@@ -19,7 +19,7 @@ from rgpt.data import Batcher, DataConfig, prepare
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
 from rgpt.monitor import Monitor, Timers, format_seconds, peak_memory_mb
-from rgpt.optim import Adam, clip_grad_norm_
+from rgpt.optim import Adam, clip_coef
 from rgpt.schedule import learning_rate
 from rgpt.startup import resolve_start, rng_state, set_rng_state
 from rgpt.tokenizer import PAD_ID
@@ -165,14 +165,14 @@ class Trainer:
         stats[2] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
             d.all_reduce_sum(m.flat_grads, stats)  # the gradient: the single-process one of the whole group
-            norm = clip_grad_norm_(m.flat_grads, self.cfg.train.clip_norm)
+            norm, clip = clip_coef(m.flat_grads, self.cfg.train.clip_norm)  # applied inside Adam's pass
             loss_sum, stop, time_up, norm_value = torch.cat([stats, norm.double().view(1)]).tolist()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
             if stop:
                 self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
             self._time_up = bool(time_up)
             if math.isfinite(loss_value) and math.isfinite(norm_value):
-                self.opt.step(self.lr())  # also refreshes the bf16 working copy (shadow)
+                self.opt.step(self.lr(), grad_scale=clip)  # also refreshes the bf16 working copy
             self.step += 1
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
 

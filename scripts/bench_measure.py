@@ -20,7 +20,7 @@ import yaml
 from rgpt.data import Batcher, DataConfig, prepare
 from rgpt.generate import DecodeConfig, generate
 from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam, clip_grad_norm_
+from rgpt.optim import Adam, clip_coef
 
 ROOT = Path(__file__).resolve().parent.parent
 LR, CLIP = 5e-4, 5.0  # the pretraining stage's learning rate and clip norm (conf/)
@@ -102,8 +102,8 @@ def rgpt_step(cfg, device, precision, idx, targets):
         model.zero_grad()
         model.forward(idx, targets)
         model.backward()
-        clip_grad_norm_(model.flat_grads, CLIP)
-        opt.step(LR)
+        _, clip = clip_coef(model.flat_grads, CLIP)
+        opt.step(LR, grad_scale=clip)  # clipping happens in Adam's pass over the gradient
 
     return step
 
@@ -276,11 +276,12 @@ def rgpt_phases(cfg, device, idx, targets, repeats=3) -> dict:
     """Median seconds of each phase of an rgpt training step (after one untimed step)."""
     model = new_rgpt(cfg, device, "fp32")
     opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    state = {}
     phases = {
         "forward": lambda: model.forward(idx, targets),
         "backward": model.backward,
-        "clip": lambda: clip_grad_norm_(model.flat_grads, CLIP),
-        "Adam": lambda: opt.step(LR),
+        "clip": lambda: state.update(clip=clip_coef(model.flat_grads, CLIP)[1]),  # the norm and factor
+        "Adam": lambda: opt.step(LR, grad_scale=state["clip"]),  # the scaling happens here
     }
     sync, times = synchronizer(device), {k: [] for k in phases}
     for i in range(repeats + 1):
@@ -332,8 +333,8 @@ def epoch_seconds(tok, files, cfg, device, cache_dir, batch_size=16, grad_accum=
             b = b.to(device)
             loss_sum += model.forward(b.idx, b.targets).double() * b.n_tokens
             model.backward(scale=b.n_tokens / n_total)
-        clip_grad_norm_(model.flat_grads, CLIP)
-        opt.step(LR)
+        _, clip = clip_coef(model.flat_grads, CLIP)
+        opt.step(LR, grad_scale=clip)
         return float(loss_sum) / n_total
 
     sync()

@@ -5,7 +5,7 @@ import torch
 
 from rgpt import optim
 from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam, clip_grad_norm_
+from rgpt.optim import Adam, clip_coef, clip_grad_norm_
 from tests.helpers import assert_close
 from tests.reference import reference_from
 
@@ -113,11 +113,11 @@ def test_clipping_matches_torch():
         assert_close(ours, p.grad, f"clipped gradient (max_norm={max_norm})")
 
 
-@pytest.mark.parametrize(
-    "chunk", [None, 1000]
-)  # None: the model fits one chunk; 1000: many, the last partial
+# chunk None: the model fits one chunk; 1000: many, the last partial.
+# clip: torch clips with clip_grad_norm_ before its step; rgpt passes clip_coef's factor into Adam's pass
+@pytest.mark.parametrize("chunk, clip", [(None, None), (1000, None), (1000, 0.05), (None, 1e6)])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, monkeypatch):
+def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, clip, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(optim, "CHUNK", chunk)
     model = make_model()
@@ -134,19 +134,28 @@ def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, monkeypatch):
         {"params": [p for n, p in named.items() if n not in decay], "weight_decay": 0.0},
     ]
     ropt = torch.optim.AdamW(groups, lr=3e-3) if weight_decay else torch.optim.Adam(groups, lr=3e-3)
-    losses, rlosses = [], []
+    losses, rlosses, clipped = [], [], 0
     for _ in range(10):
         idx, targets = batch()
         losses.append(model.forward(idx, targets))
         model.zero_grad()
         model.backward()
-        opt.step(lr=3e-3)
+        if clip is None:
+            opt.step(lr=3e-3)
+        else:
+            norm, coef = clip_coef(model.flat_grads, clip)
+            clipped += bool(coef < 1)
+            opt.step(lr=3e-3, grad_scale=coef)
         with torch.enable_grad():
             ropt.zero_grad()
             loss = ref(idx, targets)
             loss.backward()
+            if clip is not None:
+                rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+                assert_close(norm, rnorm, "gradient norm before clipping")
             ropt.step()
         rlosses.append(loss.detach())
+    assert clipped == (10 if clip == 0.05 else 0), f"clipping fired in {clipped} of 10 steps"
     assert_close(torch.stack(losses), torch.stack(rlosses), "loss sequence over 10 Adam steps")
     for name, p in model.params.items():
         assert_close(p, named[name].detach(), f"parameter {name} after 10 steps")
