@@ -39,8 +39,14 @@ def add_matmul_(acc, a, b):
     """acc += a @ b, with acc possibly float32 while a, b are a lower precision (mixed precision)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    else:  # the product is accumulated in float32 inside the kernel, rounded once, then added
-        acc.add_(torch.mm(a, b))
+        return
+    # the product is accumulated in float32 inside the kernel and rounded once; it is then added in blocks
+    # of rows, because widening it whole would allocate a float32 temporary as large as acc (25 MB for the
+    # lm_head, at the start of the backward pass when memory use peaks)
+    prod = torch.mm(a, b)
+    rows = max(1, (1 << 18) // max(1, acc.shape[1]))
+    for i in range(0, acc.shape[0], rows):
+        acc[i : i + rows].add_(prod[i : i + rows])
 
 
 FEW_ROWS = 4  # products with at most this many rows (decoding: 1 row per sequence or beam) take _few_rows
