@@ -26,9 +26,12 @@ import torch
 
 from rgpt.cli import ALLOCATORS, CORPUS_DIR, friendly, resolve_device, set_allocator
 from rgpt.data import build_tokenizer, tokenize_throughput
+from rgpt.tokenizer import PAD_ID
 
 SECTIONS = ("train", "memory", "generate", "tokenizer", "epoch", "profile")
 SHAPES = {"base": [(16, 24), (4, 256)], "small": [(16, 24), (8, 128)], "quick": [(4, 8), (2, 32)]}
+# rows on real micro-batches of the built-in corpus (stage batch sizes: pretrain 16, sft 4), for these models
+CORPUS_ROWS = {"base": (("pretrain", 16), ("sft", 4)), "quick": (("pretrain", 4), ("sft", 2))}
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ADAM = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}  # --ref-adam
@@ -133,7 +136,23 @@ def interleaved(steps: dict, args, sync) -> dict:
     return times
 
 
-def bench_training(args, device, V, ceiling):
+def training_batches(args, cfg, name, device, tok):
+    """(label, idx, targets, tokens, T for the FLOP count or None) of each training row of a model.
+
+    Random full batches (every position a target), then, when the tokenizer is at hand, one real
+    micro-batch per stage: padded, and for sft with the user's turns masked. Their tokens are the non-pad
+    ones; their FLOP count is left out (rgpt skips the output projection where there is no target).
+    """
+    for B, T in SHAPES[name]:
+        idx, targets = bm.random_batch(cfg, B, T, device)
+        yield f"{B}×{T}", idx, targets, B * T, T
+    for kind, B in CORPUS_ROWS.get(name, ()) if tok is not None else ():
+        files = args.pretrain if kind == "pretrain" else args.sft
+        idx, targets = bm.corpus_batch(tok, files, kind, cfg, B, args.cache_dir, device)
+        yield f"{kind} batch {B}×{idx.shape[1]}", idx, targets, int((idx != PAD_ID).sum()), None
+
+
+def bench_training(args, device, V, ceiling, tok=None):
     """The training table. `ceiling` (best matmul FLOP/s per precision) is re-measured after every row, the
     best kept, and MFU filled in at the end: a ceiling measured in a noisy moment would inflate MFU."""
     impls = ["rgpt", "autograd"] + ([] if args.no_compile else ["compiled"])
@@ -141,10 +160,9 @@ def bench_training(args, device, V, ceiling):
     adam, timeout = ADAM[args.ref_adam], args.compile_timeout
     for name in args.models:
         cfg = bm.model_config(name, V, args.dropout)
-        for B, T in SHAPES[name]:
-            idx, targets = bm.random_batch(cfg, B, T, device)
+        for label, idx, targets, n_tok, T in training_batches(args, cfg, name, device, tok):
             for prec in PRECISIONS:
-                log(f"train: {name} {B}×{T} {prec}")
+                log(f"train: {name} {label} {prec}")
                 steps, na = {}, dict(compile_na)
                 for impl in impls:
                     try:
@@ -155,12 +173,14 @@ def bench_training(args, device, V, ceiling):
                     impls.remove("compiled")
                     compile_na["compiled"] = na["compiled"]
                 t = interleaved(steps, args, sync)
-                tok_s = {k: B * T / statistics.median(v) for k, v in t.items()}
-                row = [name, f"{B}×{T}", prec]
-                if "rgpt" in t:
+                tok_s = {k: n_tok / statistics.median(v) for k, v in t.items()}
+                row = [name, label, prec]
+                if "rgpt" in t and T is not None:
                     flops = tok_s["rgpt"] * bm.flops_per_token(cfg, T)
                     row += [num(tok_s["rgpt"]), num(flops / 1e9), None]  # MFU: once the ceiling is final
                     mfu.append((row, prec, flops))
+                elif "rgpt" in t:
+                    row += [num(tok_s["rgpt"]), "—", "—"]
                 else:
                     row += [na["rgpt"], "—", "—"]
                 row += [num(tok_s[k]) if k in t else na.get(k, "skipped") for k in ("autograd", "compiled")]
@@ -296,7 +316,7 @@ def bench_profile(args, device, V):
 # ---- report --------------------------------------------------------------------------------------
 FOOTNOTES = """\
 Notes.
-- tok/s: target tokens per second of whole training steps (forward, backward, gradient clipping at 5.0, Adam), on fixed random batches with no padding; median of the rounds.
+- tok/s: tokens per second of whole training steps (forward, backward, gradient clipping at 5.0, Adam); median of the rounds. B×T rows: a fixed random batch, every position a target. "pretrain batch" / "sft batch" rows: the median-size micro-batch of an epoch of the built-in corpus as training builds it (length-bucketed and padded; sft with the user's turns masked out of the targets, which rgpt's output projection skips), counting its non-pad tokens; no FLOP count there.
 - Model FLOPs per token = 6·N + 6·C·V + 12·L·T·C, with N = L·(4C² + 2C·F) the blocks' matmul weights (c_attn, attn.c_proj, c_fc, mlp.c_proj), 6·C·V the lm_head, and 12·L·T·C the attention scores and weighted sum (forward + backward, causal mask not discounted). Embedding lookups, LayerNorm, softmax and Adam are not counted. MFU = model FLOP/s ÷ the measured matmul ceiling of the same precision.
 - autograd: tests/reference.py `RefGPT` with the same initial weights, `torch.optim.Adam` ({adam}) and `torch.nn.utils.clip_grad_norm_`, dropout masks drawn every step as rgpt draws them. bf16: `torch.autocast` around its forward (backward follows the autocast casts); rgpt bf16 is `GPT(..., dtype=torch.float32, compute_dtype=torch.bfloat16)`. compiled: `torch.compile(RefGPT, dynamic=False)` (inductor; the optimizer stays eager).
 - Ratios are rgpt's speed over the other's (> 1: rgpt faster; memory: < 1 means rgpt uses less): the median of the per-round ratios, min–max in brackets. The variants take turns within each round, so a noisy machine slows them alike.
@@ -325,7 +345,7 @@ def main(argv=None):
     n = args.matmul_n
     parts = []
     if "train" in args.only:
-        parts.append("## Training throughput\n\n" + bench_training(args, device, V, ceiling))
+        parts.append("## Training throughput\n\n" + bench_training(args, device, V, ceiling, tok))
     if "memory" in args.only:
         parts.append("## Peak memory of a training step\n\n" + bench_memory(args, device, V))
     if "generate" in args.only:

@@ -78,6 +78,16 @@ def random_batch(cfg: GPTConfig, B: int, T: int, device, seed: int = 0):
     return idx.to(device), targets.to(device)
 
 
+def corpus_batch(tok, files, kind: str, cfg: GPTConfig, batch_size: int, cache_dir, device):
+    """The median-size micro-batch of a corpus epoch exactly as training builds it: length-bucketed and
+    padded, and for dialogues with the user's turns masked out of the targets (as the sft stage does)."""
+    data = DataConfig(files=list(files), kind=kind, val_files=list(files))  # all documents; val unused
+    train, _ = prepare(data, tok, cfg.block_size, cache_dir, log=lambda *a, **k: None)
+    batches = sorted(Batcher(train, batch_size, seed=0).epoch(0), key=lambda b: b.idx.numel())
+    b = batches[len(batches) // 2]
+    return b.idx.to(device), b.targets.to(device)
+
+
 # ---- training steps: each builder returns step() doing forward, backward, clipping and Adam -------------
 def has_compute_dtype() -> bool:
     """Whether this rgpt has mixed precision yet (GPT(..., compute_dtype=torch.bfloat16))."""

@@ -62,17 +62,17 @@ def test_quick_run_prints_training_generation_and_data_tables(tmp_path):
     assert report.startswith("# rgpt benchmark") and "- machine: " in report and "torch " in report
 
     train = rows(report, "## Training throughput")
-    assert [(r["batch B×T"], r["precision"]) for r in train] == [
-        ("4×8", "fp32"),
-        ("4×8", "bf16"),
-        ("2×32", "fp32"),
-        ("2×32", "bf16"),
-    ]
+    shapes = [(r["batch B×T"].rsplit("×", 1)[0], r["precision"]) for r in train]
+    assert shapes == [
+        (shape, prec) for shape in ("4", "2", "pretrain batch 4", "sft batch 2") for prec in ("fp32", "bf16")
+    ], shapes
+    for r in train[4:]:  # real corpus micro-batches: tokens counted, no FLOP count
+        assert r["rgpt tok/s"][0].isdigit() and r["rgpt GFLOP/s"] == "—", r
     for r in train:
         assert r["compiled tok/s"] == "skipped", r
         if r["precision"] == "fp32" or not r["rgpt tok/s"].startswith("n/a"):
             assert RATIO.match(r["rgpt / autograd"]), f"ratio cell {r['rgpt / autograd']!r} in {r}"
-            assert r["rgpt MFU"].endswith("%"), r
+            assert r["rgpt MFU"].endswith("%") or r in train[4:], r
     assert "× Rust ref" in train[0]
 
     gen = rows(report, "## Generation")
