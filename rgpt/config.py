@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from rgpt.cli import ConfigError
+from rgpt.cli import ALLOCATORS, ConfigError
 
 STAGES = ("pretrain", "sft")
 
@@ -244,7 +244,9 @@ class RunConfig:
             "must be auto, fp32 or bf16",
         )
         _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1 or null")
-        _check(cfg.allocator in ("keep", "system"), "allocator", cfg.allocator, "must be keep or system")
+        _check(
+            cfg.allocator in ALLOCATORS, "allocator", cfg.allocator, f"must be one of {', '.join(ALLOCATORS)}"
+        )
         _check(cfg.dist_timeout_s > 0, "dist_timeout_s", cfg.dist_timeout_s, "must be positive")
         _check(
             bool(str(cfg.run_name).strip()) and "/" not in str(cfg.run_name),

@@ -57,7 +57,7 @@ def _few_rows(x2, w, b):
 
     The same dot products, from a different kernel: on CPU, torch's (1, in) @ (in, out) float32 product
     streams w at a fraction of the memory bandwidth, while the batch of k row blocks streams it 2-3x
-    faster (batch-1 decoding of model=base: 250 -> 620 tokens/s, see scripts/bench.py). bfloat16 products
+    faster (batch-1 decoding of model=base: 250 -> ~600 tokens/s, see scripts/bench.py). bfloat16 products
     are already fast. Returns None where it does not apply (then the caller takes the plain product).
     """
     out, M = w.shape[0], x2.shape[0]
