@@ -100,10 +100,10 @@ def set_allocator(mode: str) -> bool:
     By default glibc hands every block of 32 MiB or more (and, early on, much smaller ones) straight back
     to the kernel when freed, so the next step's logits, their float32 copy and their gradient are fresh
     pages that the kernel must map and zero again, every step. With mmap off and trimming raised, freed
-    blocks stay in the heap and are reused. Measured (model=base, bf16, 2 threads): the bench's fixed
-    batches step 10-20% faster with peak RSS within a few percent; the default pipeline shows no measurable
-    difference (glibc's adaptive threshold already keeps most of its blocks). "system" leaves glibc's
-    defaults. A no-op where the C library is not glibc.
+    blocks stay in the heap and are reused. rgpt allocates little per step, so it gains little (model=base,
+    2 threads: a few percent at full bf16 windows, nothing measurable in the default pipeline); code that
+    allocates every intermediate gains a lot (the bench's autograd reference: 15-40%), which is why the
+    bench applies the same setting to both. "system" leaves glibc's defaults. A no-op without glibc.
     """
     if mode not in ALLOCATORS:
         raise ConfigError(f"allocator={mode!r} is not one of {', '.join(ALLOCATORS)}")
