@@ -6,9 +6,7 @@ a signal to one rank stops every rank at the same step, and a dead or silent ran
 instead of a hang.
 """
 
-import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -23,7 +21,7 @@ from safetensors.torch import load_file
 
 from rgpt import checkpoint as ckpt
 from rgpt.distributed import Dist, hydra_overrides
-from tests.helpers import assert_close
+from tests.helpers import assert_close, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -65,24 +63,7 @@ def test_ranks_other_than_0_keep_hydra_out_of_the_run_directory(monkeypatch):
 # ---- torchrun end to end ------------------------------------------------------------------------------
 def write_corpus(root: Path) -> tuple[Path, Path]:
     """52 short pretraining sentences (49 training windows) and 20 dialogues, the same every time."""
-    rnd = random.Random(8)
-    subj = ["山脉", "河流", "太阳", "月亮", "森林", "城市", "学生", "老师", "科学", "历史"]
-    verb = ["形成于", "影响着", "照亮了", "改变了", "保护着"]
-    obj = ["地球的表面", "人们的生活", "古老的文明", "自然的规律", "美丽的风景"]
-    pre, sft = root / "pre.jsonl", root / "sft.jsonl"
-    with open(pre, "w", encoding="utf-8") as f:
-        for _ in range(52):
-            text = f"{rnd.choice(subj)}{rnd.choice(verb)}{rnd.choice(obj)}。{rnd.choice(subj)}是{rnd.choice(obj)}的一部分。"
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    with open(sft, "w", encoding="utf-8") as f:
-        for _ in range(20):
-            s = rnd.choice(subj)
-            turns = [
-                {"role": "user", "content": f"{s}是什么？"},
-                {"role": "assistant", "content": f"{s}{rnd.choice(verb)}{rnd.choice(obj)}。"},
-            ]
-            f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
-    return pre, sft
+    return write_tiny_corpus(root, seed=8, n_pre=52, n_sft=20, n_subjects=10, n_words=5)
 
 
 # Rank != 0 under an audit hook: every file it opens for writing, renames or removes under PROBE_WATCH is

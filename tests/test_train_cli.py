@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from rgpt import checkpoint as ckpt
+from tests.helpers import write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS_PER_EPOCH = 10  # 80 documents -> 74 training windows -> 19 micro-batches of 4 -> 10 steps of 2
@@ -38,23 +39,7 @@ class Corpus:
 
 def write_corpus(root: Path) -> Corpus:
     """80 short pretraining sentences and 60 dialogues, the same every time."""
-    rnd = random.Random(0)
-    subj = ["山脉", "河流", "太阳", "月亮", "森林", "城市", "学生", "老师", "科学", "历史", "大海", "春天"]
-    verb = ["形成于", "影响着", "照亮了", "改变了", "保护着", "记录了"]
-    obj = ["地球的表面", "人们的生活", "古老的文明", "自然的规律", "美丽的风景", "我们的未来"]
-    pre, sft = root / "pre.jsonl", root / "sft.jsonl"
-    with open(pre, "w", encoding="utf-8") as f:
-        for _ in range(80):
-            text = f"{rnd.choice(subj)}{rnd.choice(verb)}{rnd.choice(obj)}。{rnd.choice(subj)}是{rnd.choice(obj)}的一部分。"
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    with open(sft, "w", encoding="utf-8") as f:
-        for _ in range(60):
-            s = rnd.choice(subj)
-            turns = [
-                {"role": "user", "content": f"{s}是什么？"},
-                {"role": "assistant", "content": f"{s}{rnd.choice(verb)}{rnd.choice(obj)}。"},
-            ]
-            f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+    pre, sft = write_tiny_corpus(root, seed=0, n_pre=80, n_sft=60, n_subjects=12, n_words=6)
     return Corpus(pre, sft, root / "cache")
 
 
