@@ -84,7 +84,7 @@ class Linear(Layer):
     def forward(self, x):  # x: (..., in)
         w, b = self.params["weight"], self.params.get("bias")
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in), M = product of the leading dims
-        y = _few_rows(x2, w, b) if x2.shape[0] <= FEW_ROWS else None
+        y = _few_rows(x2, w, b)  # None unless a handful of float32 rows on CPU (decoding)
         if y is None:
             y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()  # (M, out)
         self.cache = x2
