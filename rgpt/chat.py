@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rgpt.checkpoint import CheckpointError, default_for_inference, find, load_model
-from rgpt.cli import ConfigError, hydra_main, resolve_device
+from rgpt.cli import ConfigError, hydra_main, setup_runtime
 from rgpt.generate import DecodeConfig, generate, make_generator, stream
 from rgpt.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
 
@@ -88,7 +88,6 @@ def open_model(checkpoint, out_dir, device):
 class ChatConfig:
     checkpoint: str | None
     out_dir: str
-    device: str
     prompt: str | None
     context_tokens: int | None
     decode: DecodeConfig
@@ -113,7 +112,6 @@ class ChatConfig:
         return cls(
             checkpoint=text(d.get("checkpoint")),
             out_dir=str(d.get("out_dir", "outputs")),
-            device=str(d.get("device", "auto")),
             prompt=text(d.get("prompt")),
             context_tokens=ctx,
             decode=decode,
@@ -324,8 +322,9 @@ def piped(chat: Chat, lines) -> None:
 def _main(cfg) -> None:
     from omegaconf import OmegaConf
 
-    c = ChatConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    device = resolve_device(c.device)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    device = setup_runtime(raw.pop("device"), raw.pop("threads"), raw.pop("allocator"))
+    c = ChatConfig.from_dict(raw)
     if c.prompt is not None and not c.prompt.strip():
         raise ConfigError('prompt is empty: give a question, e.g. prompt="山脉是如何形成的？"')
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)

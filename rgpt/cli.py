@@ -59,17 +59,6 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 
 
-def _check_group_choices(argv) -> None:
-    """`stage=foo` / `model=foo` naming no file in conf/<group>/: one line now, not Hydra's page of help."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group = CONF_DIR / key
-        if sep and group.is_dir() and "/" not in key:
-            options = sorted(p.stem for p in group.glob("*.yaml"))
-            if value not in options:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether this device computes bfloat16 matmuls natively (else bf16 is emulated, and slower)."""
     if device.type == "cuda":
@@ -82,12 +71,20 @@ def native_bf16(device: torch.device) -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """'auto' | 'fp32' | 'bf16' -> 'fp32' or 'bf16' (auto: bf16 where the hardware has it natively)."""
+def resolve_precision(spec: str, device: torch.device, log=print) -> str:
+    """'auto' | 'fp32' | 'bf16' -> 'fp32' or 'bf16' (auto: bf16 where the hardware has it natively).
+
+    bf16 asked for on hardware without it runs, but emulated: a one-line notice says so."""
     if spec == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if spec not in ("fp32", "bf16"):
         raise ConfigError(f"precision={spec!r} is not one of auto, fp32, bf16")
+    if spec == "bf16" and not native_bf16(device):
+        where = "this CPU has no AVX512-BF16/AMX" if device.type == "cpu" else f"{device} has no native bf16"
+        log(
+            f"notice: precision=bf16 will be slow here: {where}, so bfloat16 products are emulated "
+            "(~50x slower than fp32 on a 2-core AVX2 EPYC); precision=fp32 (or auto) is the fast choice"
+        )
     return spec
 
 
@@ -119,13 +116,28 @@ def set_allocator(mode: str) -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def setup_runtime(device: str, threads, allocator: str) -> torch.device:
+    """The keys every entry point shares (conf/shared.yaml), checked and applied: returns the device."""
+    dev = resolve_device(device)  # before any work: device=cuda without a GPU fails here
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads!r} must be a positive integer or null")
+        torch.set_num_threads(threads)
+    set_allocator(allocator)
+    return dev
+
+
 def hydra_main(config_name: str):
-    """hydra.main over the repository's conf/, with the `${corpus:NAME}` resolver and one-line errors."""
+    """hydra.main over the repository's conf/, with the `${corpus:NAME}` and `${sweep_job:...}` resolvers
+    and one-line errors."""
     import hydra
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("corpus"):
         OmegaConf.register_new_resolver("corpus", lambda name: str(CORPUS_DIR / name))
+        from rgpt.overrides import sweep_job_name
+
+        OmegaConf.register_new_resolver("sweep_job", sweep_job_name)
 
     def decorate(fn):
         task = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
@@ -134,7 +146,9 @@ def hydra_main(config_name: str):
 
         @functools.wraps(fn)
         def entry():
-            friendly(_check_group_choices)(sys.argv[1:])
+            from rgpt.overrides import check_overrides
+
+            friendly(check_overrides)(config_name, sys.argv[1:])
             task()
 
         return entry
