@@ -225,9 +225,11 @@ def load_model(path, device="cpu", dtype=torch.float32):
 def default_for_inference(out_dir, warn=print) -> Path | None:
     """The best checkpoint of the newest SFT run under out_dir; else the newest pretraining run's, with a notice."""
     for stage in ("sft", "pretrain"):
-        runs = sorted(
-            Path(out_dir, stage).glob("*/checkpoints"), key=lambda p: p.stat().st_mtime, reverse=True
-        )
+        found_dirs = [
+            *Path(out_dir, stage).glob("*/checkpoints"),
+            *Path(out_dir, stage).glob("*/*/checkpoints"),
+        ]
+        runs = sorted(found_dirs, key=lambda p: p.stat().st_mtime, reverse=True)  # */*/: sweep jobs
         for ckpt_dir in runs:
             for kind in ("best", "final", "last"):
                 found = find(ckpt_dir, kind, warn)

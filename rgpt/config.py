@@ -77,6 +77,7 @@ class TrainSettings:
     max_epochs: int = 500
     max_steps: "int | None" = None
     max_minutes: "float | None" = None
+    max_tokens: "int | None" = None
     batch_size: int = 16
     grad_accum: int = 4
     lr: float = 5e-4
@@ -104,6 +105,12 @@ class TrainSettings:
             self.max_steps is None or self.max_steps >= 1,
             "train.max_steps",
             self.max_steps,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "train.max_tokens",
+            self.max_tokens,
             "must be >= 1 or null",
         )
         _check(
@@ -209,10 +216,13 @@ class RunConfig:
     threads: "int | None" = None
     allocator: str = "keep"
     dist_timeout_s: float = 600.0
+    job: "str | None" = None  # set by the entry point under a Hydra sweep (-m): the job's own subdirectory
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.stage / self.run_name
+        """${out_dir}/${stage}/${run_name}, and under a sweep the job's subdirectory of it."""
+        root = Path(self.out_dir) / self.stage / self.run_name
+        return root / self.job if self.job else root
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

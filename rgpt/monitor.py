@@ -1,9 +1,11 @@
 """What a run reports: a tqdm bar, TensorBoard scalars and text, and a timing report at the end."""
 
+import math
 import resource
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -30,6 +32,21 @@ def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# what the progress bar shows of a step's metrics: tag -> (label, format)
+BAR = {
+    "train/loss": ("loss", ".3f"),
+    "train/ppl": ("ppl", ".1f"),
+    "train/lr": ("lr", ".2e"),
+    "train/grad_norm": ("gnorm", ".2f"),
+    "train/tokens_per_sec": ("tok/s", ".0f"),
+}
+
+
+def ppl(loss: float) -> float:
+    """Perplexity of a mean loss in nats, capped so that a diverged run logs a number, not an overflow."""
+    return math.exp(min(loss, 50))
 
 
 class Monitor:
@@ -66,10 +83,13 @@ class Monitor:
                 dynamic_ncols=True,
             )
 
-    def update(self, n: int, **postfix) -> None:
+    def step(self, step: int, metrics: dict, batches: int, eta: "Eta") -> None:
+        """One optimizer step's metrics: every one to TensorBoard, the usual few and the ETA on the bar."""
+        self.scalars(step, metrics)
         if self.bar is not None:
-            self.bar.set_postfix_str("  ".join(f"{k} {v}" for k, v in postfix.items()), refresh=False)
-            self.bar.update(n)
+            shown = [f"{name} {metrics[tag]:{spec}}" for tag, (name, spec) in BAR.items() if tag in metrics]
+            self.bar.set_postfix_str("  ".join(shown) + f" | eta {eta.text()}", refresh=False)
+            self.bar.update(batches)
 
     def end_epoch(self, summary: str) -> None:
         if self.bar is not None:
@@ -83,6 +103,64 @@ class Monitor:
             self.bar.close()
         if self.writer:
             self.writer.close()
+
+
+@dataclass
+class Eta:
+    """Seconds to the end of the epoch and to the end of the run, and which budget ends the run.
+
+    `early_stop` is set while the monitored loss has stopped improving: then early stopping ends the run
+    after at most that many seconds, if the loss does not improve again; None otherwise.
+    """
+
+    epoch: float
+    run: float
+    budget: str  # max_epochs | max_steps | max_tokens | max_minutes
+    early_stop: float | None = None
+
+    def text(self) -> str:
+        out = f"epoch {format_seconds(self.epoch)}, run {format_seconds(self.run)} ({self.budget})"
+        if self.early_stop is not None:
+            out += f", early stop <= {format_seconds(self.early_stop)}"
+        return out
+
+
+def estimate_eta(
+    t,
+    *,
+    epoch: int,
+    pos: int,
+    batches: int,
+    step: int,
+    tokens: int,
+    sec_per_batch: float,
+    tokens_per_sec: float,
+    seconds_left: float,
+    bad_epochs: int,
+) -> Eta:
+    """The ETA of a run with train settings `t` (max_epochs, max_steps, max_tokens, max_minutes, grad_accum,
+    patience), standing at micro-batch `pos` of `batches` in 0-based `epoch`, optimizer `step` and `tokens`
+    seen, going at the measured rates; `seconds_left` is what max_minutes leaves (inf without it).
+
+    Every budget is projected at the same pace and the soonest one is the run's end: the bar never shows the
+    time to max_epochs=500 when max_minutes or max_tokens will end the run first.
+    """
+    left = {"max_epochs": ((t.max_epochs - epoch) * batches - pos) * sec_per_batch}
+    if t.max_steps is not None:
+        left["max_steps"] = (t.max_steps - step) * t.grad_accum * sec_per_batch
+    if t.max_tokens is not None:
+        left["max_tokens"] = (t.max_tokens - tokens) / max(tokens_per_sec, 1e-9)
+    if math.isfinite(seconds_left):
+        left["max_minutes"] = seconds_left
+    budget = min(left, key=left.get)
+    run = max(left[budget], 0.0)
+    epoch_left = min((batches - pos) * sec_per_batch, run)
+    early = None
+    if bad_epochs > 0:  # the monitored loss is not improving: early stopping ends the run at the end of an
+        # epoch, at the latest `patience - bad_epochs` epoch ends from now (this one included)
+        early = epoch_left + (t.patience - bad_epochs - 1) * batches * sec_per_batch
+        early = early if early < run else None
+    return Eta(epoch_left, run, budget, early)
 
 
 def format_seconds(s: float) -> str:

@@ -63,6 +63,18 @@ def _set_aside(run_dir: Path, log) -> None:
         log(f"notice: this run starts fresh; the previous checkpoints were moved to {dest}")
 
 
+def _pretrained(cfg: RunConfig, log) -> tuple[Path, Path | None]:
+    """(where it was looked for, the best or final pretrained checkpoint) for sft to start from: the
+    pretraining run of the same run_name; under a sweep, its job of the same name first."""
+    root = Path(cfg.out_dir) / "pretrain" / cfg.run_name
+    for run in [root / cfg.job, root] if cfg.job else [root]:
+        pre = run / "checkpoints"
+        best = ckpt.find(pre, "best", warn=log) or ckpt.find(pre, "final", warn=log)
+        if best is not None:
+            return pre, best
+    return (root / cfg.job if cfg.job else root) / "checkpoints", None
+
+
 def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
     run_ckpts = cfg.run_dir / "checkpoints"
     if cfg.resume_from:
@@ -84,8 +96,7 @@ def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
             log(f"resuming {path}")
             return _from_checkpoint(cfg, path, device, dtype, True, log)
         if cfg.stage == "sft":
-            pre = cfg.run_dir.parent.parent / "pretrain" / cfg.run_name / "checkpoints"
-            best = ckpt.find(pre, "best", warn=log) or ckpt.find(pre, "final", warn=log)
+            pre, best = _pretrained(cfg, log)
             if best is None:
                 raise CheckpointError(
                     f"nothing to start sft from: no checkpoint in {run_ckpts} nor a pretrained model in {pre}; "

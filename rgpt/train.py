@@ -1,12 +1,21 @@
-"""python -m rgpt.train stage=pretrain|sft [key=value ...]  (see conf/config.yaml for every key)."""
+"""python -m rgpt.train stage=pretrain|sft [key=value ...]  (see conf/config.yaml for every key).
 
+What training prints goes through the `rgpt` logger: to the console and, via Hydra's job logging
+(conf/hydra/job_logging/rgpt.yaml), to the run directory's train.log as it goes.
+"""
+
+import logging
+import os
 import sys
+from pathlib import Path
 
 import torch
 
-from rgpt.cli import ConfigError, hydra_main, resolve_device, resolve_precision, set_allocator
+from rgpt.cli import ConfigError, hydra_main, resolve_precision, setup_runtime
 from rgpt.config import RunConfig
 from rgpt.distributed import Dist, DistError, hydra_overrides
+
+log = logging.getLogger("rgpt").info
 
 
 def load_run_config(cfg) -> RunConfig:
@@ -17,17 +26,27 @@ def load_run_config(cfg) -> RunConfig:
         raw = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # an interpolation that does not resolve, e.g. a typo in ${...}
         raise ConfigError(str(e).splitlines()[0]) from None
-    return RunConfig.from_dict(raw)
+    run = RunConfig.from_dict(raw)
+    run.job = sweep_job(run)
+    return run
+
+
+def sweep_job(run: RunConfig) -> str | None:
+    """Under a Hydra sweep (-m), this job's directory below the run directory (named by its overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = os.path.relpath(Path(HydraConfig.get().runtime.output_dir).resolve(), run.run_dir.resolve())
+    return None if job == "." else job
 
 
 @hydra_main("config")
 def main(cfg) -> None:
     run = load_run_config(cfg)
-    device = resolve_device(run.device)  # before any work: device=cuda without a GPU fails here
-    run.precision = resolve_precision(run.precision, device)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    set_allocator(run.allocator)
+    device = setup_runtime(run.device, run.threads, run.allocator)
+    run.precision = resolve_precision(run.precision, device, log=log)
     torch.set_grad_enabled(False)  # rgpt computes every gradient by hand
     from rgpt.trainer import Stop, Trainer
 
@@ -35,12 +54,12 @@ def main(cfg) -> None:
     if dist.world > 1 and device.type == "cuda":
         device = dist.device  # each rank on cuda:LOCAL_RANK
     if dist.is_main and run.train.grad_accum % dist.world:
-        print(
+        log(
             f"notice: train.grad_accum={run.train.grad_accum} micro-batches per step do not split evenly over "
             f"{dist.world} processes: some wait idle every step (use a multiple of {dist.world})"
         )
     try:
-        result = Trainer(run, device, dist).run()
+        result = Trainer(run, device, dist, log=log).run()
         # leave together: once one rank exits non-zero (130 after a signal) torchrun kills the others,
         # which must not catch rank 0 in the middle of saving `last`
         dist.barrier("waiting for rank 0's last save")

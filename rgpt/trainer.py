@@ -18,7 +18,7 @@ from rgpt.config import RunConfig
 from rgpt.data import Batcher, DataConfig, prepare
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
-from rgpt.monitor import Monitor, Timers, format_seconds, peak_memory_mb
+from rgpt.monitor import Monitor, Timers, estimate_eta, format_seconds, peak_memory_mb, ppl
 from rgpt.optim import Adam, clip_coef
 from rgpt.schedule import learning_rate
 from rgpt.startup import resolve_start, rng_state, set_rng_state
@@ -88,6 +88,7 @@ class Trainer:
         # a Ctrl-C / SIGTERM lands in _pending; _signal is set once every rank knows (see train_step)
         self._signal = self._pending = None
         self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
+        self._eta = None  # the last step's ETA (monitor.Eta)
 
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
@@ -170,6 +171,7 @@ class Trainer:
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
             if stop:
                 self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
+                self.log(f"\n{signal.Signals(self._signal).name} received: saving `last` after this step")
             self._time_up = bool(time_up)
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 self.opt.step(self.lr(), grad_scale=clip)  # also refreshes the bf16 working copy
@@ -234,17 +236,19 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
+        """Only records the signal: logging here could re-enter a write the main thread is in the middle of."""
         if self._pending is not None:  # a second Ctrl-C: stop right now
             raise KeyboardInterrupt
         self._pending = signum
-        self.log(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving `last`")
 
     def _out_of_budget(self, fresh: bool = False) -> str | None:
-        """max_steps, or max_minutes by rank 0's clock (ranks' clocks differ, their decision must not):
+        """max_steps, max_tokens, or max_minutes by rank 0's clock (ranks' clocks differ, their decision must not):
         `fresh` asks rank 0 now (a collective); otherwise its answer from the last step's all-reduce counts."""
         t = self.cfg.train
         if t.max_steps is not None and self.step >= t.max_steps:
             return f"reached max_steps={t.max_steps}"
+        if t.max_tokens is not None and self.tokens >= t.max_tokens:
+            return f"reached max_tokens={t.max_tokens}"
         if t.max_minutes is not None and fresh:
             self._time_up = self.dist.any(self.dist.is_main and time.perf_counter() >= self._deadline)
         if t.max_minutes is not None and self._time_up:
@@ -261,11 +265,12 @@ class Trainer:
             log=self.log,
         )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        t0, bad_in_a_row, tokens_done, first_step = time.perf_counter(), 0, 0, self.step
+        t0 = time.perf_counter()
         if t.max_minutes is not None:
             self._deadline = t0 + 60 * t.max_minutes - self.elapsed
+        # this process's pace, for the ETA and tokens/s: its start, micro-batches and tokens done since
+        self._session = {"t0": t0, "start": self._batch_index(), "tokens": 0, "bad_in_a_row": 0}
         per_epoch = -(-len(self.batches) // t.grad_accum)  # optimizer steps per epoch
-        total_steps = min(t.max_steps or 1 << 62, t.max_epochs * per_epoch)
         self.log(
             f"{cfg.stage}: {m.num_params():,} parameters, {len(self.train_set)} training / "
             f"{len(self.val_set)} validation windows, {len(self.batches)} micro-batches per epoch, "
@@ -277,72 +282,91 @@ class Trainer:
                 self.stop_reason = self._out_of_budget(fresh=True)
                 if self.stop_reason:
                     break
-                self.monitor.start_epoch(self.epoch, len(self.batches), self.pos)
-                group = []
-                it = self.batches.epoch(self.epoch, start=self.pos)
-                while True:
-                    with self.timers("data"):
-                        b = next(it, None)
-                    if b is not None:
-                        group.append(b)
-                        if len(group) < t.grad_accum:
-                            continue
-                    if not group:
-                        break
-                    loss, norm, ntok = self.train_step(group)
-                    self.pos += len(group)
-                    if not (math.isfinite(loss) and math.isfinite(norm)):
-                        bad_in_a_row += 1
-                        self.log(f"warning: non-finite loss/gradient at step {self.step} (update skipped)")
-                        if bad_in_a_row >= t.max_bad_steps:
-                            raise Stop(
-                                f"{bad_in_a_row} non-finite steps in a row; stopping (try a lower train.lr)"
-                            )
-                    else:
-                        bad_in_a_row = 0
-                        self.ep_loss += loss * sum(g.n_tokens for g in group)
-                        self.ep_tokens += sum(g.n_tokens for g in group)
-                    tokens_done += ntok
-                    self.tokens += ntok
-                    group = []
-                    spent = time.perf_counter() - t0
-                    rate = tokens_done / max(spent, 1e-9)
-                    eta = (total_steps - self.step) * spent / max(1, self.step - first_step)  # an upper bound
-                    self.monitor.scalars(
-                        self.step,
-                        {
-                            "train/loss": loss,
-                            "train/ppl": math.exp(min(loss, 50)),
-                            "train/lr": self.lr(),
-                            "train/grad_norm": norm,
-                            "train/tokens_per_sec": rate,
-                            "train/eta_sec": eta,
-                        },
-                    )
-                    self.monitor.update(
-                        t.grad_accum,
-                        loss=f"{loss:.3f}",
-                        ppl=f"{math.exp(min(loss, 50)):.1f}",
-                        lr=f"{self.lr():.2e}",
-                        gnorm=f"{norm:.2f}",
-                        tok_s=f"{rate:.0f}",
-                        eta=format_seconds(eta),
-                    )
-                    self.stop_reason = self._out_of_budget()
-                    if self._signal is not None or self.stop_reason:
-                        break
+                ep_t0, ep_tokens = time.perf_counter(), self._session["tokens"]
+                self._train_epoch()
                 if self._signal is not None:
                     break
                 if self.stop_reason and self.pos < len(self.batches):
                     break  # a budget ran out mid-epoch: _finish saves `last` with the position
+                rate = (self._session["tokens"] - ep_tokens) / max(time.perf_counter() - ep_t0, 1e-9)
                 # an epoch whose every step was skipped has no train loss (not 0.0, which would look best)
-                self._end_epoch(self.ep_loss / self.ep_tokens if self.ep_tokens else math.nan, t0)
+                self._end_epoch(self.ep_loss / self.ep_tokens if self.ep_tokens else math.nan, t0, rate)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         return self._finish(t0)
 
-    def _end_epoch(self, train_loss: float, t0: float) -> None:
+    def _batch_index(self) -> int:
+        """Micro-batches of the run so far, counted across epochs."""
+        return self.epoch * len(self.batches) + self.pos
+
+    def _train_epoch(self) -> None:
+        """Steps over the rest of this epoch, until it ends, a budget runs out or a signal arrives."""
+        t, session = self.cfg.train, self._session
+        self.monitor.start_epoch(self.epoch, len(self.batches), self.pos)
+        group, it = [], self.batches.epoch(self.epoch, start=self.pos)
+        while True:
+            with self.timers("data"):
+                b = next(it, None)
+            if b is not None:
+                group.append(b)
+                if len(group) < t.grad_accum:
+                    continue
+            if not group:
+                return
+            loss, norm, ntok = self.train_step(group)
+            self.pos += len(group)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                session["bad_in_a_row"] += 1
+                self.log(f"warning: non-finite loss/gradient at step {self.step} (update skipped)")
+                if session["bad_in_a_row"] >= t.max_bad_steps:
+                    raise Stop(
+                        f"{session['bad_in_a_row']} non-finite steps in a row; stopping (try a lower train.lr)"
+                    )
+            else:
+                session["bad_in_a_row"] = 0
+                self.ep_loss += loss * sum(g.n_tokens for g in group)
+                self.ep_tokens += sum(g.n_tokens for g in group)
+            session["tokens"] += ntok
+            self.tokens += ntok
+            group = []
+            self._log_step(loss, norm)
+            self.stop_reason = self._out_of_budget()
+            if self._signal is not None or self.stop_reason:
+                return
+
+    def _log_step(self, loss: float, norm: float) -> None:
+        """The step's metrics, once, for every sink (TensorBoard and the progress bar), with the ETA."""
+        t, session = self.cfg.train, self._session
+        spent = time.perf_counter() - session["t0"]
+        rate = session["tokens"] / max(spent, 1e-9)
+        eta = estimate_eta(
+            t,
+            epoch=self.epoch,
+            pos=self.pos,
+            batches=len(self.batches),
+            step=self.step,
+            tokens=self.tokens,
+            sec_per_batch=spent / max(self._batch_index() - session["start"], 1),
+            tokens_per_sec=rate,
+            seconds_left=self._deadline - time.perf_counter(),
+            bad_epochs=self.bad_epochs,
+        )
+        metrics = {
+            "train/loss": loss,
+            "train/ppl": ppl(loss),
+            "train/lr": self.lr(),
+            "train/grad_norm": norm,
+            "train/tokens_per_sec": rate,
+            "train/eta_epoch_sec": eta.epoch,
+            "train/eta_sec": eta.run,  # to the budget that ends the run (eta.budget)
+        }
+        if eta.early_stop is not None:
+            metrics["train/eta_early_stop_sec"] = eta.early_stop
+        self.monitor.step(self.step, metrics, t.grad_accum, eta)
+        self._eta = eta
+
+    def _end_epoch(self, train_loss: float, t0: float, tokens_per_sec: float) -> None:
         """Validate, log, checkpoint, and decide about early stopping; the epoch is then complete."""
         t, c = self.cfg.train, self.cfg.checkpoint
         val_loss = self.validate()
@@ -362,16 +386,18 @@ class Trainer:
                 "lr": self.lr(),
             }
         )
-        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl(val_loss)})
         self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
         if self.dist.is_main:
             self.monitor.text("sample", self.sample(), self.step)
+            if self._eta is not None:  # which budget ends the run, in words
+                self.monitor.text("eta", self._eta.text(), self.step)
         self.epoch, self.pos, self.ep_loss, self.ep_tokens = self.epoch + 1, 0, 0.0, 0
         elapsed = self.elapsed + time.perf_counter() - t0
         self.monitor.end_epoch(
-            f"epoch {self.epoch:3d} | step {self.step:6d} | train loss {train_loss:.4f} ppl {math.exp(min(train_loss, 50)):8.2f} "
-            f"| val loss {val_loss:.4f} ppl {math.exp(min(val_loss, 50)):8.2f} | lr {self.lr():.2e} "
-            f"| {format_seconds(elapsed)}{'  *best*' if improved else ''}"
+            f"epoch {self.epoch:3d} | step {self.step:6d} | train loss {train_loss:.4f} ppl {ppl(train_loss):8.2f} "
+            f"| val loss {val_loss:.4f} ppl {ppl(val_loss):8.2f} | lr {self.lr():.2e} "
+            f"| {tokens_per_sec:.0f} tok/s | {format_seconds(elapsed)}{'  *best*' if improved else ''}"
         )
         if c.strategy == "best_and_last":
             self.save("last")
