@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rgpt.chat import open_model, quote_text_overrides
-from rgpt.cli import ConfigError, hydra_main, resolve_device
+from rgpt.cli import ConfigError, hydra_main, setup_runtime
 from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
 from rgpt.generate import DecodeConfig, generate
 from rgpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
@@ -36,7 +36,6 @@ class EvalConfig:
     data_path: str
     checkpoint: str | None = None
     out_dir: str = "outputs"
-    device: str = "auto"
     task: str = "lm"
     max_new_tokens: int = 100
     batch_size: int = 16
@@ -52,7 +51,7 @@ class EvalConfig:
             raise ConfigError(
                 "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
             )
-        known = {"checkpoint", "out_dir", "device", "task", "max_new_tokens", "batch_size"}
+        known = {"checkpoint", "out_dir", "task", "max_new_tokens", "batch_size"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]} (known: data.path, {', '.join(sorted(known))})")
@@ -85,8 +84,16 @@ def windows(ids: list[int], scored: list[bool], block_size: int) -> Iterator[tup
         pos = end
 
 
+BUCKET = 32  # batches of windows gathered, sorted by length, then cut into batches: little padding
+
+
 class Scorer:
-    """Sums the NLL of the scored tokens over many sequences, batch_size windows per forward pass."""
+    """Sums the NLL of the scored tokens over many sequences, batch_size windows per forward pass.
+
+    Windows are bucketed by length (BUCKET batches at a time), and each batch goes through the model's
+    fused loss, which projects only the positions with a target onto the vocabulary: no (B, T, V) logits
+    for padding or for the context half of a sliding window.
+    """
 
     def __init__(self, model, batch_size: int):
         self.model, self.batch_size = model, batch_size
@@ -96,27 +103,27 @@ class Scorer:
 
     def add(self, ids: list[int], scored: list[bool]) -> None:
         for piece in windows(ids, scored, self.model.config.block_size):
-            self.pending.append(piece)
-            if len(self.pending) == self.batch_size:
-                self.flush()
+            if any(t != IGNORE for t in piece[1]):  # a window with nothing to score costs nothing
+                self.pending.append(piece)
+        if len(self.pending) >= self.batch_size * BUCKET:
+            self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        T = max(len(x) for x, _ in self.pending)
-        idx = torch.full((len(self.pending), T), PAD_ID, dtype=torch.long)
-        tgt = torch.full((len(self.pending), T), IGNORE, dtype=torch.long)
-        for row, (x, y) in enumerate(self.pending):  # right padding: causal attention never looks at it
+        pending, self.pending = sorted(self.pending, key=lambda p: len(p[0])), []
+        for i in range(0, len(pending), self.batch_size):
+            self._score(pending[i : i + self.batch_size])
+
+    def _score(self, pieces) -> None:
+        T = max(len(x) for x, _ in pieces)
+        idx = torch.full((len(pieces), T), PAD_ID, dtype=torch.long)
+        tgt = torch.full((len(pieces), T), IGNORE, dtype=torch.long)
+        for row, (x, y) in enumerate(pieces):  # right padding: causal attention never looks at it
             idx[row, : len(x)], tgt[row, : len(y)] = torch.tensor(x), torch.tensor(y)
-        self.pending = []
-        idx, tgt = idx.to(self.model.device), tgt.to(self.model.device)
-        logits = self.model.forward(idx)  # (B, T, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         valid = tgt != IGNORE
-        lse = torch.logsumexp(logits, dim=-1)  # (B, T)
-        picked = logits.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1)  # (B, T)
-        self.nll += float(((lse - picked) * valid).sum(dtype=torch.float64))
-        self.tokens += int(valid.sum())
+        n = int(valid.sum())
+        loss = self.model.forward(idx.to(self.model.device), tgt.to(self.model.device))  # mean over n
+        self.nll += float(loss.double()) * n
+        self.tokens += n
         self.unk += int(((tgt == UNK_ID) & valid).sum())
 
 
@@ -226,8 +233,9 @@ def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
 def _main(cfg) -> None:
     from omegaconf import OmegaConf
 
-    c = EvalConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    device = resolve_device(c.device)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    device = setup_runtime(raw.pop("device"), raw.pop("threads"), raw.pop("allocator"))
+    c = EvalConfig.from_dict(raw)
     expand_paths(c.data_path)  # a missing file fails before the model loads
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)
     try:
