@@ -109,17 +109,24 @@ class Monitor:
 class Eta:
     """Seconds to the end of the epoch and to the end of the run, and which budget ends the run.
 
-    `early_stop` is set while the monitored loss has stopped improving: then early stopping ends the run
-    after at most that many seconds, if the loss does not improve again; None otherwise.
+    `may_stop_early`: early stopping could end the run before that budget, so `run` is an upper bound.
+    `early_stop`: set while the monitored loss has stopped improving; early stopping then ends the run
+    within that many seconds unless the loss improves again.
     """
 
     epoch: float
     run: float
     budget: str  # max_epochs | max_steps | max_tokens | max_minutes
+    may_stop_early: bool = False
     early_stop: float | None = None
 
     def text(self) -> str:
-        out = f"epoch {format_seconds(self.epoch)}, run {format_seconds(self.run)} ({self.budget})"
+        run = format_seconds(self.run)
+        out = f"epoch {format_seconds(self.epoch)}, " + (
+            f"run <= {run} ({self.budget}, or early stopping)"
+            if self.may_stop_early
+            else f"run {run} ({self.budget})"
+        )
         if self.early_stop is not None:
             out += f", early stop <= {format_seconds(self.early_stop)}"
         return out
@@ -155,12 +162,12 @@ def estimate_eta(
     budget = min(left, key=left.get)
     run = max(left[budget], 0.0)
     epoch_left = min((batches - pos) * sec_per_batch, run)
-    early = None
-    if bad_epochs > 0:  # the monitored loss is not improving: early stopping ends the run at the end of an
-        # epoch, at the latest `patience - bad_epochs` epoch ends from now (this one included)
-        early = epoch_left + (t.patience - bad_epochs - 1) * batches * sec_per_batch
-        early = early if early < run else None
-    return Eta(epoch_left, run, budget, early)
+    # early stopping ends a run at an epoch's end, `patience - bad_epochs` epoch ends from now at the latest
+    # (this one included) if the monitored loss does not improve before
+    early = epoch_left + (t.patience - bad_epochs - 1) * batches * sec_per_batch
+    may_stop_early = early < run
+    shown = early if may_stop_early and bad_epochs > 0 else None  # likely: it has stopped improving
+    return Eta(epoch_left, run, budget, may_stop_early, shown)
 
 
 def format_seconds(s: float) -> str:

@@ -53,7 +53,16 @@ def test_eta_is_the_time_to_the_budget_that_ends_the_run_first():
     assert (eta.budget, eta.run, eta.epoch) == ("max_tokens", 30.0, 30.0)
     eta = simulate(base, minutes_left=0.25)(epoch=2, pos=40, step=60)
     assert (eta.budget, eta.run, eta.epoch) == ("max_minutes", 15.0, 15.0), "the epoch cannot outlast the run"
-    assert "run 0:15 (max_minutes)" in eta.text()
+    assert "run 0:15 (max_minutes)" in eta.text() and not eta.may_stop_early
+
+
+def test_a_budget_that_early_stopping_may_beat_is_shown_as_an_upper_bound():
+    t = TrainSettings(max_epochs=500, patience=3)
+    eta = simulate(t)(epoch=0, pos=10, step=0)
+    assert eta.may_stop_early and eta.early_stop is None, "no sign of early stopping yet: only a bound"
+    assert eta.text() == "epoch 0:45, run <= 6:56:35 (max_epochs, or early stopping)", eta.text()
+    eta = simulate(replace(t, max_epochs=2))(epoch=0, pos=10, step=0)
+    assert not eta.may_stop_early and eta.text() == "epoch 0:45, run 1:35 (max_epochs)", eta.text()
 
 
 def test_early_stopping_is_announced_only_when_the_loss_stops_improving():
