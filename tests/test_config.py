@@ -25,8 +25,9 @@ REQUIRED_TOP = ("stage", "model", "device", "seed", "run_name", "out_dir", "resu
 REQUIRED_TRAIN = ("max_epochs", "max_steps", "batch_size", "grad_accum", "lr", "patience", "freeze_attn")
 
 
-@pytest.mark.parametrize("stage, lr", [("pretrain", 5e-4), ("sft", 1e-3)])  # sft: see conf/stage/sft.yaml
-def test_each_stage_composes_into_a_valid_run_config(stage, lr):
+# sft: see conf/stage/sft.yaml; patience 3 and the sft micro-batches: the 30-minute pipeline on AVX2
+@pytest.mark.parametrize("stage, lr, grad_accum", [("pretrain", 5e-4, 4), ("sft", 1e-3, 2)])
+def test_each_stage_composes_into_a_valid_run_config(stage, lr, grad_accum):
     cfg = composed(f"stage={stage}")
     for key in REQUIRED_TOP:
         assert key in cfg, f"missing top-level key {key}"
@@ -38,8 +39,8 @@ def test_each_stage_composes_into_a_valid_run_config(stage, lr):
     assert isinstance(run, RunConfig)
     assert run.stage == stage
     assert run.train.lr == pytest.approx(lr), f"{stage}: lr {run.train.lr}"
-    assert run.train.grad_accum == 4
-    assert run.train.patience == 30
+    assert run.train.grad_accum == grad_accum
+    assert run.train.patience == 3
     assert run.train.freeze_attn is False
     assert run.train.max_steps is None
     assert run.resume is False and run.resume_from is None
@@ -111,3 +112,11 @@ def test_unknown_stage_in_a_dict_is_refused():
     raw = {"stage": "finetune", "model": {}, "train": {}, "data": {"files": ["x"]}}
     with pytest.raises(ConfigError, match="stage"):
         RunConfig.from_dict(raw)
+
+
+def test_data_pack_is_for_pretraining_only():
+    assert run_config("data.pack=true").data.pack is True
+    assert run_config("stage=sft").data.pack is False
+    with pytest.raises(ConfigError) as e:
+        run_config("stage=sft", "data.pack=true")
+    assert "data.pack" in str(e.value) and "\n" not in str(e.value), str(e.value)
