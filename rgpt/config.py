@@ -97,6 +97,7 @@ class TrainSettings:
     monitor: str = "val_loss"
     freeze_attn: bool = False
     max_bad_steps: int = 5
+    eval_every: "int | None" = None
 
     def validate(self):
         for key in ("max_epochs", "batch_size", "grad_accum", "cycle_steps", "patience", "max_bad_steps"):
@@ -105,6 +106,12 @@ class TrainSettings:
             self.max_steps is None or self.max_steps >= 1,
             "train.max_steps",
             self.max_steps,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.eval_every is None or self.eval_every >= 1,
+            "train.eval_every",
+            self.eval_every,
             "must be >= 1 or null",
         )
         _check(
@@ -149,6 +156,7 @@ class DataSettings:
     val_files: list = field(default_factory=list)
     val_fraction: float = 0.05
     assistant_only_loss: bool = True
+    pack: bool = False  # pretraining only: documents as one stream cut into full windows (rgpt.data.dataset)
     cache_dir: str = "outputs/.cache"
 
     def validate(self):
@@ -247,6 +255,12 @@ class RunConfig:
         for part in parts.values():
             if hasattr(part, "validate"):
                 part.validate()
+        _check(
+            not (cfg.data.pack and cfg.stage == "sft"),
+            "data.pack",
+            cfg.data.pack,
+            "applies to pretraining only; sft keeps one dialogue per window",
+        )
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),
             "precision",

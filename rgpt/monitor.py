@@ -144,10 +144,13 @@ def estimate_eta(
     tokens_per_sec: float,
     seconds_left: float,
     bad_epochs: int,
+    eval_interval: int | None = None,
+    to_next_eval: int | None = None,
 ) -> Eta:
     """The ETA of a run with train settings `t` (max_epochs, max_steps, max_tokens, max_minutes, grad_accum,
     patience), standing at micro-batch `pos` of `batches` in 0-based `epoch`, optimizer `step` and `tokens`
     seen, going at the measured rates; `seconds_left` is what max_minutes leaves (inf without it).
+    With train.eval_every, evaluations come every `eval_interval` micro-batches, the next in `to_next_eval`.
 
     Every budget is projected at the same pace and the soonest one is the run's end: the bar never shows the
     time to max_epochs=500 when max_minutes or max_tokens will end the run first.
@@ -162,9 +165,12 @@ def estimate_eta(
     budget = min(left, key=left.get)
     run = max(left[budget], 0.0)
     epoch_left = min((batches - pos) * sec_per_batch, run)
-    # early stopping ends a run at an epoch's end, `patience - bad_epochs` epoch ends from now at the latest
-    # (this one included) if the monitored loss does not improve before
-    early = epoch_left + (t.patience - bad_epochs - 1) * batches * sec_per_batch
+    # early stopping ends a run at an evaluation (an epoch's end, or every eval_interval micro-batches with
+    # train.eval_every), `patience - bad_epochs` evaluations from now at the latest (the next one included)
+    # if the monitored loss does not improve before
+    interval = batches if eval_interval is None else eval_interval
+    to_next = batches - pos if to_next_eval is None else to_next_eval
+    early = (to_next + (t.patience - bad_epochs - 1) * interval) * sec_per_batch
     may_stop_early = early < run
     shown = early if may_stop_early and bad_epochs > 0 else None  # likely: it has stopped improving
     return Eta(epoch_left, run, budget, may_stop_early, shown)

@@ -331,7 +331,9 @@ class Trainer:
             self.tokens += ntok
             group = []
             self._log_step(loss, norm)
-            self.stop_reason = self._out_of_budget()
+            if t.eval_every and self.step % t.eval_every == 0:
+                self._evaluate_mid_epoch()  # may decide early stopping
+            self.stop_reason = self.stop_reason or self._out_of_budget()
             if self._signal is not None or self.stop_reason:
                 return
 
@@ -348,6 +350,8 @@ class Trainer:
             step=self.step,
             tokens=self.tokens,
             sec_per_batch=spent / max(self._batch_index() - session["start"], 1),
+            eval_interval=t.eval_every * t.grad_accum if t.eval_every else None,
+            to_next_eval=(t.eval_every - self.step % t.eval_every) * t.grad_accum if t.eval_every else None,
             tokens_per_sec=rate,
             seconds_left=self._deadline - time.perf_counter(),
             bad_epochs=self.bad_epochs,
@@ -366,9 +370,10 @@ class Trainer:
         self.monitor.step(self.step, metrics, t.grad_accum, eta)
         self._eta = eta
 
-    def _end_epoch(self, train_loss: float, t0: float, tokens_per_sec: float) -> None:
-        """Validate, log, checkpoint, and decide about early stopping; the epoch is then complete."""
-        t, c = self.cfg.train, self.cfg.checkpoint
+    def _evaluate(self, train_loss: float) -> tuple[float, bool]:
+        """Validate, track the best model and early stopping, log to TensorBoard: at every epoch's end, or
+        every train.eval_every steps. Returns (validation loss, whether the monitored loss improved)."""
+        t = self.cfg.train
         val_loss = self.validate()
         value = val_loss if t.monitor == "val_loss" else train_loss
         improved = math.isfinite(value) and value < self.best - t.min_delta
@@ -376,7 +381,7 @@ class Trainer:
             self.best, self.bad_epochs = value, 0
             self.best_params = self.model.flat_params.clone()
         else:
-            self.bad_epochs += 1
+            self.bad_epochs += 1  # evaluations without improvement (epochs unless eval_every is set)
         self.history.append(
             {
                 "epoch": self.epoch + 1,
@@ -392,21 +397,46 @@ class Trainer:
             self.monitor.text("sample", self.sample(), self.step)
             if self._eta is not None:  # which budget ends the run, in words
                 self.monitor.text("eta", self._eta.text(), self.step)
-        self.epoch, self.pos, self.ep_loss, self.ep_tokens = self.epoch + 1, 0, 0.0, 0
-        elapsed = self.elapsed + time.perf_counter() - t0
-        self.monitor.end_epoch(
-            f"epoch {self.epoch:3d} | step {self.step:6d} | train loss {train_loss:.4f} ppl {ppl(train_loss):8.2f} "
-            f"| val loss {val_loss:.4f} ppl {ppl(val_loss):8.2f} | lr {self.lr():.2e} "
-            f"| {tokens_per_sec:.0f} tok/s | {format_seconds(elapsed)}{'  *best*' if improved else ''}"
-        )
+        if self.bad_epochs >= t.patience:
+            every = f"evaluations (every {t.eval_every} steps)" if t.eval_every else "epochs"
+            self.stop_reason = f"early stopping: {t.monitor} did not improve for {t.patience} {every}"
+        return val_loss, improved
+
+    def _save_progress(self, improved: bool) -> None:
+        """After an evaluation or an epoch: `last`, and `best` if the monitored loss improved (or, with the
+        periodic strategy, a checkpoint every `every` epochs)."""
+        c = self.cfg.checkpoint
         if c.strategy == "best_and_last":
             self.save("last")
             if improved:
-                self.save("best", monitor_value=value)
-        elif c.strategy == "periodic" and self.epoch % c.every == 0:
+                self.save("best", monitor_value=self.best)
+        elif c.strategy == "periodic" and self.pos == 0 and self.epoch % c.every == 0:
             self.save("epoch")
-        if self.bad_epochs >= t.patience:
-            self.stop_reason = f"early stopping: {t.monitor} did not improve for {t.patience} epochs"
+
+    def _evaluate_mid_epoch(self) -> None:
+        """train.eval_every: evaluate, log and checkpoint every N steps (an epoch of real text is long)."""
+        train_loss = self.ep_loss / self.ep_tokens if self.ep_tokens else math.nan
+        val_loss, improved = self._evaluate(train_loss)
+        self.log(
+            f"step {self.step:6d} | epoch {self.epoch + 1} batch {self.pos}/{len(self.batches)} "
+            f"| train loss {train_loss:.4f} | val loss {val_loss:.4f} ppl {ppl(val_loss):8.2f} "
+            f"| lr {self.lr():.2e}{'  *best*' if improved else ''}"
+        )
+        self._save_progress(improved)
+
+    def _end_epoch(self, train_loss: float, t0: float, tokens_per_sec: float) -> None:
+        """The epoch is complete: evaluate (unless eval_every does it by steps), log and checkpoint."""
+        t = self.cfg.train
+        val_loss, improved = (math.nan, False) if t.eval_every else self._evaluate(train_loss)
+        self.epoch, self.pos, self.ep_loss, self.ep_tokens = self.epoch + 1, 0, 0.0, 0
+        elapsed = self.elapsed + time.perf_counter() - t0
+        val = "" if t.eval_every else f"| val loss {val_loss:.4f} ppl {ppl(val_loss):8.2f} "
+        self.monitor.end_epoch(
+            f"epoch {self.epoch:3d} | step {self.step:6d} | train loss {train_loss:.4f} ppl {ppl(train_loss):8.2f} "
+            f"{val}| lr {self.lr():.2e} | {tokens_per_sec:.0f} tok/s | {format_seconds(elapsed)}"
+            f"{'  *best*' if improved else ''}"
+        )
+        self._save_progress(improved)
 
     def _finish(self, t0: float) -> dict:
         m, cfg = self.model, self.cfg

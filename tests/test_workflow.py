@@ -11,11 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from rgpt import checkpoint as ckpt
 from rgpt import cli, overrides
 from rgpt.config import TrainSettings
 from rgpt.monitor import estimate_eta
 from tests.fixtures_ckpt import run_cli as run_entry
-from tests.test_train_cli import REPO, cli_args, cli_env, write_corpus
+from tests.test_train_cli import (
+    REPO,
+    assert_same_weights,
+    ckpts,
+    cli_args,
+    cli_env,
+    run_cli,
+    scalar_curve,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +207,36 @@ def test_bf16_without_native_support_says_so_and_fp32_does_not(monkeypatch):
     assert cli.resolve_precision("bf16", torch.device("cpu"), log=said.append) == "bf16"
     assert cli.resolve_precision("auto", torch.device("cpu"), log=said.append) == "bf16"
     assert len(said) == 1, said
+
+
+# ---- evaluation every N steps -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_eval_every_validates_checkpoints_and_resumes_exactly_mid_epoch(corpus, tmp_path):
+    """eval_every=3 over 2 epochs of 10 steps: validation, `last` and `best` at steps 3, 6, ..., 18 (mid-epoch
+    too); a run stopped at step 7 and resumed ends bit-identical to the straight run."""
+    knobs = ("train.eval_every=3", "train.max_epochs=2", "train.patience=100")
+    straight, split = Path(tmp_path) / "straight", Path(tmp_path) / "split"
+    proc = run_cli(corpus, straight, *knobs)
+    run = straight / "pretrain" / "default"
+    assert [s for s, _ in scalar_curve(run, "val/loss")] == [3, 6, 9, 12, 15, 18]
+    assert "step      3 | epoch 1 batch 6/19" in proc.stdout, proc.stdout
+    best = [p.name for p in ckpts(straight, "best")]
+    assert best and all(int(n.split("-")[1]) % 3 == 0 for n in best), best
+    history = ckpt.read_state(ckpts(straight, "final")[0])["history"]
+    assert [h["step"] for h in history] == [3, 6, 9, 12, 15, 18]
+    run_cli(corpus, split, "train.max_steps=7", *knobs)
+    (last,) = ckpts(split, "last")
+    assert last.name == "last-00000007" and ckpt.read_state(last)["pos"] == 14
+    run_cli(corpus, split, "resume=true", *knobs)
+    finals = {p.name: p for p in ckpts(split, "final")}
+    assert_same_weights(finals["final-00000020"], ckpts(straight, "final")[0], "eval_every: 7 + resume")
+    assert scalar_curve(split / "pretrain" / "default", "val/loss") == scalar_curve(run, "val/loss")
+
+
+@pytest.mark.slow
+def test_eval_every_early_stopping_counts_evaluations(corpus, tmp_path):
+    proc = run_cli(corpus, tmp_path, "train.eval_every=2", "train.min_delta=1e9", "train.patience=2")
+    assert "did not improve for 2 evaluations (every 2 steps)" in proc.stdout, proc.stdout
+    final = ckpts(tmp_path, "final")[0]
+    assert ckpt.read_state(final)["step"] == 6, "stopped at the third evaluation (2 without improvement)"
+    assert_same_weights(final, ckpts(tmp_path, "best")[0], "rolled back to the first evaluation's weights")
