@@ -48,6 +48,7 @@ class Trainer:
             val_fraction=cfg.data.val_fraction,
             val_files=list(cfg.data.val_files),
             assistant_only_loss=cfg.data.assistant_only_loss,
+            pack=cfg.data.pack,
         )
         self.train_set, self.val_set = self.dist.first_then_rest(
             lambda: prepare(data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, log=self.log),

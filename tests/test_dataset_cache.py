@@ -57,7 +57,7 @@ def test_second_run_is_a_cache_hit_that_reads_no_corpus(tmp_path, tok, monkeypat
 
 @pytest.mark.parametrize(
     "change",
-    ["file", "block_size", "val_fraction", "tokenizer", "assistant_only_loss", "file_order"],
+    ["file", "block_size", "val_fraction", "tokenizer", "assistant_only_loss", "file_order", "pack"],
 )
 def test_any_change_invalidates_the_cache(tmp_path, tok, change):
     a = write_lines(tmp_path / "a.txt", DOCS[:20])
@@ -77,6 +77,8 @@ def test_any_change_invalidates_the_cache(tmp_path, tok, change):
         cfg.assistant_only_loss = False
     elif change == "file_order":
         cfg.files = [b, a]
+    elif change == "pack":
+        cfg.pack = True
     _, _, msg = run(cfg, tok, tmp_path, block_size)
     assert msg.startswith("tokenized"), f"changing {change} did not invalidate the cache: {msg}"
 

@@ -3,8 +3,16 @@
 Every pretraining document becomes ``<bos> text <eos>``, every dialogue its chat template. A sequence
 of more than block_size+1 tokens is cut into consecutive windows of block_size+1 tokens overlapping
 by one token, so each token after the first is a target exactly once and <bos>/<eos> mark only real
-document boundaries. A split is stored as three flat arrays: ``ids`` (int32), ``mask`` (uint8, 1 where
-the token is a learned target) and ``offsets`` (int64, window i is ``ids[offsets[i]:offsets[i+1]]``).
+document boundaries.
+
+With ``pack`` (pretraining only) the documents of a split run on as one stream ``<bos> d1 <eos> <bos> d2
+<eos> …``, cut the same way: every window but the split's last has exactly block_size+1 tokens, so
+batches need no padding. Attention then crosses document boundaries inside a window, as in GPT-2's
+training; the <eos> <bos> between two documents tells the model a new text starts. The train/val split
+is still decided per document, before packing.
+
+A split is stored as three flat arrays: ``ids`` (int32), ``mask`` (uint8, 1 where the token is a learned
+target) and ``offsets`` (int64, window i is ``ids[offsets[i]:offsets[i+1]]``).
 
 The cache lives in ``<cache_dir>/<key>/``, keyed by the sha256 of the files' contents (in order), the
 tokenizer's fingerprint and every setting that changes the arrays; a second run with the same key
@@ -39,6 +47,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
+    pack: bool = False  # pretrain: a split's documents as one stream cut into full windows (see above)
 
 
 def file_digest(path: Path) -> str:
@@ -94,33 +103,53 @@ class TokenSet:
 
 
 class _SplitWriter:
-    """Appends windows of one split to its three arrays on disk, keeping only counts in memory."""
+    """Appends windows of one split to its three arrays on disk, keeping only counts and the tokens after
+    the last full window (fewer than block_size+1) in memory.
 
-    def __init__(self, root: Path, split: str, block_size: int):
-        self.block_size = block_size
+    Windows are [s, s + block_size + 1) for s = 0, block_size, 2·block_size, … of a token stream: each
+    document on its own, or with ``pack`` all of the split's documents one after another.
+    """
+
+    def __init__(self, root: Path, split: str, block_size: int, pack: bool = False):
+        self.block_size, self.pack = block_size, pack
         self.ids = NpyWriter(root / f"{split}.ids.npy", np.int32)
         self.mask = NpyWriter(root / f"{split}.mask.npy", np.uint8)
         self.offsets = NpyWriter(root / f"{split}.offsets.npy", np.int64)
         self.offsets.append(np.zeros(1, np.int64))
+        self.rest_ids, self.rest_mask = np.zeros(0, np.int32), np.zeros(0, np.uint8)  # stream not yet written
         self.stats = {"n_docs": 0, "n_seqs": 0, "n_tokens": 0, "n_targets": 0, "n_unk": 0, "n_chars": 0}
 
     def add(self, ids: np.ndarray, mask: np.ndarray, n_chars: int) -> None:
-        n = len(ids)
-        starts = np.arange(0, n - 1, self.block_size)  # windows [s, s + block_size + 1) overlap by one
-        for s in starts:
-            self.ids.append(ids[s : s + self.block_size + 1])
-            self.mask.append(mask[s : s + self.block_size + 1])
-        ends = np.minimum(starts + self.block_size + 1, n)
-        self.offsets.append(self.stats["n_tokens"] + np.cumsum(ends - starts))
         st = self.stats
         st["n_docs"] += 1
-        st["n_seqs"] += len(starts)
-        st["n_tokens"] += int((ends - starts).sum())
-        st["n_targets"] += int(mask[1:].sum())
         st["n_unk"] += int((ids == UNK_ID).sum())
         st["n_chars"] += n_chars
+        ids, mask = np.concatenate([self.rest_ids, ids]), np.concatenate([self.rest_mask, mask])
+        n_full = max(len(ids) - 1, 0) // self.block_size  # windows that end inside what we have
+        for s in range(0, n_full * self.block_size, self.block_size):
+            self._write(ids[s : s + self.block_size + 1], mask[s : s + self.block_size + 1])
+        # from the last full window's final token on: the next window starts there (overlap of one)
+        self.rest_ids, self.rest_mask = ids[n_full * self.block_size :], mask[n_full * self.block_size :]
+        if not self.pack:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The stream's short last window; a lone token was the previous window's last target already."""
+        if len(self.rest_ids) > 1:
+            self._write(self.rest_ids, self.rest_mask)
+        self.rest_ids, self.rest_mask = self.rest_ids[:0], self.rest_mask[:0]
+
+    def _write(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        st = self.stats
+        self.ids.append(ids)
+        self.mask.append(mask)
+        st["n_seqs"] += 1
+        st["n_tokens"] += len(ids)
+        st["n_targets"] += int(mask[1:].sum())  # a window's first token is the previous one's last target
+        self.offsets.append(np.array([st["n_tokens"]], np.int64))
 
     def close(self) -> None:
+        self._flush()
         for w in (self.ids, self.mask, self.offsets):
             w.close()
 
@@ -152,6 +181,10 @@ def prepare(
     """(train, val) token sets of a stage, tokenized once and then loaded from the cache."""
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
+    if cfg.pack and cfg.kind != "pretrain":
+        raise ValueError(
+            f"pack applies to pretraining only, not to {cfg.kind!r}: a dialogue keeps its windows"
+        )
     files, val_files = expand_paths(cfg.files), expand_paths(cfg.val_files) if cfg.val_files else []
     key = _key(
         DATA_FORMAT,
@@ -172,7 +205,7 @@ def prepare(
     tmp.mkdir()
     try:
         t0, n_chars = time.perf_counter(), 0
-        out = {s: _SplitWriter(tmp, s, block_size) for s in ("train", "val")}
+        out = {s: _SplitWriter(tmp, s, block_size, cfg.pack) for s in ("train", "val")}
         # (paths, their split), or None: each document's hash decides
         sources = [(files, "train"), (val_files, "val")] if val_files else [(files, None)]
         for paths, fixed in sources:
@@ -191,6 +224,7 @@ def prepare(
             "format": DATA_FORMAT,
             "kind": cfg.kind,
             "block_size": block_size,
+            "pack": cfg.pack,
             "files": [str(f) for f in files],
             "val_files": [str(f) for f in val_files],
             "train": out["train"].stats,
