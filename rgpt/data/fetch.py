@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rgpt.data.dataset import file_digest
 from rgpt.data.sources import MIX, SOURCES, FetchError, Source, command, download, han_count, unpack
 
 # a space between two Chinese characters or marks is an artefact (subtitle segments joined, aligned captions)
@@ -177,17 +178,9 @@ def already(dest: Path) -> bool:
     return dest.exists()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(archive: Path, pin: str | None, given: bool) -> tuple[str, str]:
     """The archive's sha256, checked against the pin (or the --sha256 given); and what was checked."""
-    digest = sha256_file(archive)
+    digest = file_digest(archive)
     if pin is not None and digest != pin:
         which = "given with --sha256" if given else "pinned"
         raise FetchError(f"{archive.name}: sha256 {digest} does not match the {which} {pin}")
