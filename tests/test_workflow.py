@@ -2,6 +2,7 @@
 directory per job, one-line errors for unknown keys in every entry point, and the emulated-bf16 notice."""
 
 import math
+import re
 import signal
 import subprocess
 import time
@@ -150,34 +151,45 @@ def test_a_sweep_gives_every_job_its_own_run_and_sft_finds_its_pretrained_job(co
 
 
 # ---- every entry point: shared keys and unknown keys -------------------------------------------------------
+@pytest.mark.parametrize("module", ["train", "chat", "eval"])
+def test_an_unknown_key_is_one_line_with_a_suggestion_in_every_entry_point(module, tmp_path):
+    proc = run_entry(module, f"out_dir={tmp_path}", "thread=1", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr == "error: unknown key 'thread' (did you mean 'threads'?)\n", proc.stderr
+    assert not list(Path(tmp_path).iterdir()), "an entry point wrote files despite the error"
+
+
 @pytest.mark.parametrize(
-    "module, typo, suggestion",
+    "config, typo, suggestion",
     [
-        ("train", "thread=1", "threads"),
-        ("train", "train.lrr=1e-3", "train.lr"),
-        ("chat", "thread=1", "threads"),
-        ("chat", "temprature=0.7", "temperature"),
-        ("eval", "thread=1", "threads"),
-        ("eval", "data.pth=x.txt", "data.path"),
+        ("config", "train.lrr", "train.lr"),
+        ("config", "trian.lr", "train.lr"),
+        ("chat", "temprature", "temperature"),
+        ("eval", "data.pth", "data.path"),
     ],
 )
-def test_an_unknown_key_is_one_line_with_a_suggestion(module, typo, suggestion, tmp_path):
-    proc = run_entry(module, f"out_dir={tmp_path}", typo, cwd=tmp_path)
-    key = typo.split("=")[0]
-    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
-    assert proc.stderr == f"error: unknown key '{key}' (did you mean '{suggestion}'?)\n", proc.stderr
-    assert not list(Path(tmp_path).iterdir()), "an entry point wrote files despite the error"
+def test_unknown_keys_are_matched_with_their_siblings_first(config, typo, suggestion):
+    with pytest.raises(cli.ConfigError) as e:
+        overrides.check_overrides(config, [f"{typo}=1"])
+    assert str(e.value) == f"unknown key '{typo}' (did you mean '{suggestion}'?)"
+    with pytest.raises(cli.ConfigError, match="see conf/config.yaml for every key"):
+        overrides.check_overrides("config", ["train.bogus=1"])  # nothing close to bogus among train's keys
 
 
 @pytest.mark.parametrize("module", ["chat", "eval"])
 def test_inference_entry_points_take_the_shared_keys(module, tmp_path):
-    """threads and allocator are accepted (the run then fails only for want of a checkpoint), and checked."""
+    """threads and allocator are accepted: the run then fails only for want of a checkpoint."""
     proc = run_entry(
         module, f"out_dir={tmp_path}", "threads=1", "allocator=system", "device=cpu", cwd=tmp_path
     )
     assert proc.returncode == 1 and "no trained checkpoint found" in proc.stderr, proc.stderr
-    proc = run_entry(module, f"out_dir={tmp_path}", "threads=0", cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: threads=0"), proc.stderr
+
+
+def test_shared_keys_are_checked():
+    for args, needle in [(("auto", 0, "keep"), "threads=0"), (("auto", None, "fast"), "allocator='fast'")]:
+        with pytest.raises(cli.ConfigError, match=re.escape(needle)):
+            cli.setup_runtime(*args)
+    assert cli.setup_runtime("cpu", None, "system") == torch.device("cpu")
 
 
 def test_a_sweep_over_a_group_checks_every_choice():
@@ -212,24 +224,24 @@ def test_bf16_without_native_support_says_so_and_fp32_does_not(monkeypatch):
 # ---- evaluation every N steps -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_eval_every_validates_checkpoints_and_resumes_exactly_mid_epoch(corpus, tmp_path):
-    """eval_every=3 over 2 epochs of 10 steps: validation, `last` and `best` at steps 3, 6, ..., 18 (mid-epoch
-    too); a run stopped at step 7 and resumed ends bit-identical to the straight run."""
-    knobs = ("train.eval_every=3", "train.max_epochs=2", "train.patience=100")
+    """eval_every=3 over an epoch of 10 steps: validation, `last` and `best` at steps 3, 6 and 9, mid-epoch;
+    a run stopped at step 7 and resumed ends bit-identical to the straight run."""
+    knobs = ("train.eval_every=3", "train.max_epochs=1", "train.patience=100")
     straight, split = Path(tmp_path) / "straight", Path(tmp_path) / "split"
     proc = run_cli(corpus, straight, *knobs)
     run = straight / "pretrain" / "default"
-    assert [s for s, _ in scalar_curve(run, "val/loss")] == [3, 6, 9, 12, 15, 18]
+    assert [s for s, _ in scalar_curve(run, "val/loss")] == [3, 6, 9]
     assert "step      3 | epoch 1 batch 6/19" in proc.stdout, proc.stdout
     best = [p.name for p in ckpts(straight, "best")]
     assert best and all(int(n.split("-")[1]) % 3 == 0 for n in best), best
     history = ckpt.read_state(ckpts(straight, "final")[0])["history"]
-    assert [h["step"] for h in history] == [3, 6, 9, 12, 15, 18]
+    assert [h["step"] for h in history] == [3, 6, 9]
     run_cli(corpus, split, "train.max_steps=7", *knobs)
     (last,) = ckpts(split, "last")
     assert last.name == "last-00000007" and ckpt.read_state(last)["pos"] == 14
     run_cli(corpus, split, "resume=true", *knobs)
     finals = {p.name: p for p in ckpts(split, "final")}
-    assert_same_weights(finals["final-00000020"], ckpts(straight, "final")[0], "eval_every: 7 + resume")
+    assert_same_weights(finals["final-00000010"], ckpts(straight, "final")[0], "eval_every: 7 + resume")
     assert scalar_curve(split / "pretrain" / "default", "val/loss") == scalar_curve(run, "val/loss")
 
 
