@@ -67,12 +67,13 @@ def _pretrained(cfg: RunConfig, log) -> tuple[Path, Path | None]:
     """(where it was looked for, the best or final pretrained checkpoint) for sft to start from: the
     pretraining run of the same run_name; under a sweep, its job of the same name first."""
     root = Path(cfg.out_dir) / "pretrain" / cfg.run_name
-    for run in [root / cfg.job, root] if cfg.job else [root]:
-        pre = run / "checkpoints"
+    places = [root / cfg.job / "checkpoints"] if cfg.job else []
+    places.append(root / "checkpoints")
+    for pre in places:
         best = ckpt.find(pre, "best", warn=log) or ckpt.find(pre, "final", warn=log)
         if best is not None:
             return pre, best
-    return (root / cfg.job if cfg.job else root) / "checkpoints", None
+    return places[0], None
 
 
 def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:

@@ -326,8 +326,9 @@ class Trainer:
                     )
             else:
                 session["bad_in_a_row"] = 0
-                self.ep_loss += loss * sum(g.n_tokens for g in group)
-                self.ep_tokens += sum(g.n_tokens for g in group)
+                n_targets = sum(g.n_tokens for g in group)
+                self.ep_loss += loss * n_targets
+                self.ep_tokens += n_targets
             session["tokens"] += ntok
             self.tokens += ntok
             group = []
