@@ -158,10 +158,23 @@ class DataSettings:
     assistant_only_loss: bool = True
     pack: bool = False  # pretraining only: documents as one stream cut into full windows (rgpt.data.dataset)
     cache_dir: str = "outputs/.cache"
+    workers: "int | None" = None  # jieba processes; None: every core from 4 MB on (rgpt.data.encode)
+    replay_files: list = field(default_factory=list)  # sft: pretraining text mixed into its training split
+    replay_fraction: float = 0.0  # sft: share of replay_files' documents taken (chosen by their text's hash)
 
     def validate(self):
         _check(len(self.files) > 0, "data.files", self.files, "lists no corpus file or directory")
         _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(self.workers is None or self.workers >= 1, "data.workers", self.workers, "must be at least 1")
+        _check(
+            0 <= self.replay_fraction <= 1, "data.replay_fraction", self.replay_fraction, "must be in [0, 1]"
+        )
+        _check(
+            not (self.replay_fraction > 0 and not self.replay_files),
+            "data.replay_fraction",
+            self.replay_fraction,
+            "needs data.replay_files: the pretraining text to replay",
+        )
 
 
 @dataclass
@@ -260,6 +273,12 @@ class RunConfig:
             "data.pack",
             cfg.data.pack,
             "applies to pretraining only; sft keeps one dialogue per window",
+        )
+        _check(
+            not (cfg.data.replay_fraction > 0 and cfg.stage == "pretrain"),
+            "data.replay_fraction",
+            cfg.data.replay_fraction,
+            "applies to sft only: pretraining reads its text in data.files",
         )
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),

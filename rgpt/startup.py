@@ -112,7 +112,9 @@ def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
         )
     _set_aside(cfg.run_dir, log)
     t = cfg.tokenizer
-    tok = build_tokenizer(t.files, t.min_freq, t.max_size, t.hmm, cfg.data.cache_dir, log=log)
+    tok = build_tokenizer(
+        t.files, t.min_freq, t.max_size, t.hmm, cfg.data.cache_dir, log=log, workers=cfg.data.workers
+    )
     model = GPT(
         _model_config(cfg, tok.vocab_size), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg)
     )
@@ -135,8 +137,19 @@ def rng_state(model) -> dict:
     return out
 
 
-def set_rng_state(model, state: dict) -> None:
+def set_rng_state(model, state: dict, log=print) -> None:
+    """Restore the random streams of a checkpoint. A CPU generator's state means nothing to a CUDA one
+    and back, so a run resumed on the other kind of device draws new dropout masks (seeded from the
+    checkpoint, so still reproducible): said once, since the run then no longer matches an unbroken one."""
     torch.set_rng_state(_unb64(state["torch"]))
-    model.generator.set_state(_unb64(state["dropout"]))
+    dropout = _unb64(state["dropout"])
+    try:
+        model.generator.set_state(dropout)
+    except RuntimeError:  # the state of the other kind of generator: its size differs
+        model.generator.manual_seed(int.from_bytes(dropout[:8].numpy().tobytes(), "little"))
+        log(
+            f"notice: this checkpoint's dropout generator is not a {model.device.type} one: dropout masks are "
+            "drawn anew from here (exact resume holds on the kind of device the run was saved on)"
+        )
     if "cuda" in state and model.device.type == "cuda":
         torch.cuda.set_rng_state(_unb64(state["cuda"]), model.device)

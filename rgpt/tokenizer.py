@@ -107,12 +107,32 @@ class Tokenizer:
         defaults to the shipped list.
         """
         user_words = shipped_idioms() if idioms is None else tuple(sorted(set(idioms)))
+        chars, words = cls.count(texts, user_words, hmm)
+        return cls.from_counts(chars, words, min_freq, max_size, hmm, user_words)
+
+    @staticmethod
+    def count(texts: Iterable[str], user_words: tuple[str, ...], hmm: bool) -> tuple[Counter, Counter]:
+        """(character counts, counts of pieces of 2+ characters) of the normalised texts. Counts of
+        parts of a corpus add up to the counts of the whole: the vocabulary can be built part by part."""
         seg = _segmenter(user_words)
         chars, words = Counter(), Counter()
         for text in texts:
             text = normalise(text)
             chars.update(text)
             words.update(p for p in seg.cut(text, HMM=hmm) if len(p) > 1)
+        return chars, words
+
+    @classmethod
+    def from_counts(
+        cls,
+        chars: Counter,
+        words: Counter,
+        min_freq: int,
+        max_size: int,
+        hmm: bool,
+        user_words: tuple[str, ...],
+    ) -> "Tokenizer":
+        """The vocabulary that build() makes of a corpus with these counts (see build)."""
 
         def by_freq(counts):
             return sorted(counts, key=lambda t: (-counts[t], t))
@@ -170,6 +190,10 @@ class Tokenizer:
 
     def encode_pretrain(self, text: str) -> list[int]:
         return [BOS_ID, *self.encode(text), EOS_ID]
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """encode_pretrain() as an int32 array: ``<bos> text <eos>``."""
+        return np.concatenate([[BOS_ID], self.encode_array(text), [EOS_ID]]).astype(np.int32)
 
     def encode_dialogue(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
         """``<bos> (<user> u | <assistant> a <eos>)*``; mask is True on assistant content and its <eos>."""
@@ -233,10 +257,14 @@ class Tokenizer:
     def load(cls, path) -> "Tokenizer":
         path = Path(path)
         path = path / "vocab.json" if path.is_dir() else path
-        d = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), path)
+
+    @classmethod
+    def from_dict(cls, d: dict, where="vocabulary") -> "Tokenizer":
+        """The tokenizer that to_dict() describes."""
         if d.get("format") != VOCAB_FORMAT:
             raise ValueError(
-                f"{path}: not an rgpt vocabulary (format {d.get('format')!r}, expected {VOCAB_FORMAT!r})"
+                f"{where}: not an rgpt vocabulary (format {d.get('format')!r}, expected {VOCAB_FORMAT!r})"
             )
         s = d["settings"]
         return cls(d["tokens"], s["hmm"], s["min_freq"], s["max_size"], tuple(d["user_words"]))

@@ -49,9 +49,13 @@ class Trainer:
             val_files=list(cfg.data.val_files),
             assistant_only_loss=cfg.data.assistant_only_loss,
             pack=cfg.data.pack,
+            replay_files=list(cfg.data.replay_files),
+            replay_fraction=cfg.data.replay_fraction,
         )
         self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, log=self.log),
+            lambda: prepare(
+                data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, self.log, cfg.data.workers
+            ),
             "data cache",
         )
         pin = device.type == "cuda"
@@ -98,7 +102,7 @@ class Trainer:
         self.best, self.bad_epochs = st["best"], st["bad_epochs"]
         self.elapsed, self.history = st["elapsed"], st["history"]
         self.ep_loss, self.ep_tokens, self.tokens = st["ep_loss"], st["ep_tokens"], st["tokens"]
-        set_rng_state(self.model, st["rng"])
+        set_rng_state(self.model, st["rng"], log=self.log)
         self.log(f"resumed at epoch {self.epoch + 1}, batch {self.pos}, step {self.step}")
 
     def _best_params(self, source) -> torch.Tensor:

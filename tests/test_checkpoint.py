@@ -1,6 +1,7 @@
 """Checkpoints: round trip, every kind of damage caught with a one-line error naming the file, `find`
 skipping damaged ones, pruning, and atomicity under SIGKILL at random moments during `save`."""
 
+import base64
 import json
 import os
 import subprocess
@@ -230,3 +231,26 @@ def test_sigkill_at_random_moments_of_save_never_leaves_a_damaged_checkpoint(tmp
     # the next save sweeps what the killed processes left hidden
     ckpt.save(d, "last", 10**6, tiny(), Tokenizer.build(["你好"], min_freq=1, idioms=()), {})
     assert not [p.name for p in d.iterdir() if p.name.startswith(".")], "hidden leftovers not swept"
+
+
+def test_a_checkpoint_from_the_other_kind_of_device_resumes_with_fresh_dropout_masks():
+    """A CUDA generator's state (16 bytes) cannot be set on a CPU generator (5,056 bytes): the masks are
+    reseeded from it, reproducibly, and the log says so. Found resuming a GPU run on a CPU."""
+    from rgpt.startup import rng_state, set_rng_state
+
+    model = GPT(GPTConfig(vocab_size=11, n_embd=8, n_head=2, n_layer=1, n_hidden=8, block_size=4))
+    same = rng_state(model)
+    before = model.generator.get_state()
+    torch.rand(3, generator=model.generator)
+    set_rng_state(model, same, log=pytest.fail)  # same kind of device: exact, and nothing to say
+    assert torch.equal(model.generator.get_state(), before)
+
+    cuda_like = dict(same, dropout=base64.b64encode(bytes(range(16))).decode())
+    states = []
+    for _ in range(2):
+        said = []
+        set_rng_state(model, cuda_like, log=said.append)
+        assert len(said) == 1 and said[0].startswith("notice:") and "drawn anew" in said[0], said
+        states.append(model.generator.get_state())
+    assert torch.equal(states[0], states[1]), "the fresh masks must follow from the checkpoint"
+    assert not torch.equal(states[0], before)

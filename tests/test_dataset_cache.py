@@ -161,3 +161,30 @@ def test_build_tokenizer_is_cached(tmp_path):
     assert a.fingerprint == b.fingerprint
     c = build_tokenizer({"pretrain": [p]}, 3, 500, False, tmp_path / "cache", log=log, idioms=())
     assert log[2].startswith("built vocabulary") and c.fingerprint != a.fingerprint
+
+
+def test_replay_adds_whole_documents_to_the_sft_training_split_only(tmp_path, tok):
+    dialogues = [f"用户：第{i}个问题？助手：好的，我们去公园。" for i in range(30)]
+    sft = write_lines(tmp_path / "d.txt", dialogues)
+    pre = write_lines(tmp_path / "p.txt", DOCS)
+    base = DataConfig([sft], "sft", val_fraction=0.2)
+    train0, val0, _ = run(base, tok, tmp_path)
+    cfg = DataConfig([sft], "sft", val_fraction=0.2, replay_files=[pre], replay_fraction=0.5)
+    train, val, _ = run(cfg, tok, tmp_path)
+    picked = [d for d in DOCS if dataset.in_val(d, 0.5, salt="replay:")]
+    assert 5 < len(picked) < 35, "the test corpus should have a real share picked"
+    assert train.stats["n_docs"] == train0.stats["n_docs"] + len(picked)
+    assert val.stats == val0.stats and all_ids(val) == all_ids(val0), "replay must not touch validation"
+    replayed = [tok.encode_pretrain(d) for d in picked]
+    windows = [train.get(i) for i in range(len(train))]
+    for ids in replayed:  # every picked document is there, learned whole like pretraining text
+        hits = [m for w, m in windows if w.tolist() == ids]
+        assert hits and bool(hits[0].all()), "a replayed document is missing or not learned whole"
+    not_picked = [tok.encode_pretrain(d) for d in DOCS if d not in picked]
+    assert not any(w.tolist() in not_picked for w, _ in windows)
+
+
+def test_replay_is_for_sft_only(tmp_path, tok):
+    pre = write_lines(tmp_path / "p.txt", DOCS)
+    with pytest.raises(ValueError, match="sft only"):
+        prepare(DataConfig([pre], "pretrain", replay_files=[pre], replay_fraction=0.1), tok, 64, tmp_path)

@@ -412,6 +412,8 @@ def test_early_stopping_rolls_back_to_the_best_weights_even_across_a_resume(corp
         ("device=tpu", "device"),
         ("+train.bogus=1", "train.bogus"),
         ("data.files=[/nonexistent/corpus.jsonl]", "/nonexistent/corpus.jsonl"),
+        ("data.replay_fraction=0.1", "data.replay_fraction"),
+        ("data.workers=0", "data.workers"),
     ]
     + ([] if torch.cuda.is_available() else [("device=cuda", "device=cuda")]),
 )

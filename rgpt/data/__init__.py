@@ -1,22 +1,31 @@
-"""Data pipeline: corpus files → token ids cached on disk → batches. See corpus, dataset and batches."""
+"""Data pipeline: corpus files → token ids cached on disk → batches. See corpus, dataset and batches.
 
-from rgpt.data.batches import IGNORE, Batch, Batcher, collate
-from rgpt.data.corpus import CorpusError, corpus_texts, expand_paths, read_dialogues, read_pretrain
-from rgpt.data.dataset import DataConfig, TokenSet, build_tokenizer, prepare, tokenize_throughput
+Names are imported on first use, so that ``rgpt.data.fetch`` and the tokenizing workers of
+``rgpt.data.encode`` start without importing torch.
+"""
 
-__all__ = [
-    "IGNORE",
-    "Batch",
-    "Batcher",
-    "collate",
-    "CorpusError",
-    "corpus_texts",
-    "expand_paths",
-    "read_dialogues",
-    "read_pretrain",
-    "DataConfig",
-    "TokenSet",
-    "build_tokenizer",
-    "prepare",
-    "tokenize_throughput",
-]
+import importlib
+
+_HOME = {
+    "IGNORE": "batches",
+    "Batch": "batches",
+    "Batcher": "batches",
+    "collate": "batches",
+    "CorpusError": "corpus",
+    "corpus_texts": "corpus",
+    "expand_paths": "corpus",
+    "read_dialogues": "corpus",
+    "read_pretrain": "corpus",
+    "DataConfig": "dataset",
+    "TokenSet": "dataset",
+    "build_tokenizer": "dataset",
+    "prepare": "dataset",
+    "tokenize_throughput": "dataset",
+}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'rgpt.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rgpt.data.{_HOME[name]}"), name)

@@ -10,6 +10,7 @@ A directory stands for the corpus files under it, in natural order of their path
 ``10.txt``); other files in it are ignored.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -26,8 +27,28 @@ class CorpusError(Exception):
     """A corpus problem; str(e) is one line naming the file (and line, column or byte offset)."""
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _natural_key(path: Path) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.as_posix())]
+
+
+def _fetch_hint(path: Path) -> str:
+    """For a missing data/NAME/... of a corpus that rgpt.data.fetch makes: the command that makes it."""
+    from rgpt.data.sources import SOURCES  # only on this error path
+
+    parts = path.parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "data" and (parts[i + 1] in SOURCES or parts[i + 1] == "mix"):
+            return f" (run `python -m rgpt.data.fetch {parts[i + 1]}` first)"
+    return ""
 
 
 def expand_paths(paths) -> list[Path]:
@@ -54,7 +75,7 @@ def expand_paths(paths) -> list[Path]:
                 )
             files.append(p)
         else:
-            raise CorpusError(f"{p}: no such file or directory")
+            raise CorpusError(f"{p}: no such file or directory{_fetch_hint(p)}")
     return files
 
 

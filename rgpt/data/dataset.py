@@ -30,10 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from rgpt.data.corpus import CorpusError, corpus_texts, expand_paths, read_dialogues, read_pretrain
+from rgpt.data.corpus import (
+    CorpusError,
+    corpus_texts,
+    expand_paths,
+    file_digest,
+    read_dialogues,
+    read_pretrain,
+)
+from rgpt.data.encode import auto_workers, count, encode
 from rgpt.data.npyfile import NpyWriter
-from rgpt.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer, normalise, shipped_idioms
+from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
@@ -48,24 +57,19 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
     pack: bool = False  # pretrain: a split's documents as one stream cut into full windows (see above)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    replay_files: list[str] = field(default_factory=list)  # sft: pretraining documents for the train split
+    replay_fraction: float = 0.0  # sft: the share of replay_files' documents replayed (see _replay)
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def in_val(text: str, fraction: float) -> bool:
+def in_val(text: str, fraction: float, salt: str = "") -> bool:
     """Whether a document belongs to the validation split: a hash of its own text decides, so adding or
-    reordering files never moves another document, and duplicates always land on the same side."""
-    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    reordering files never moves another document, and duplicates always land on the same side. Another
+    ``salt`` draws another slice of the same share."""
+    h = int.from_bytes(hashlib.sha256((salt + text).encode()).digest()[:8], "little")
     return h < fraction * 2**64
 
 
@@ -154,29 +158,46 @@ class _SplitWriter:
             w.close()
 
 
-def _documents(cfg: DataConfig, tok: Tokenizer, paths):
-    """(split key, ids, mask, learned chars, all chars) per document of ``paths``."""
-    if cfg.kind == "pretrain":
-        for text in read_pretrain(paths):
-            text = normalise(text)
-            ids = np.concatenate([[BOS_ID], tok.encode_array(text), [EOS_ID]]).astype(np.int32)
-            yield text, ids, np.ones(len(ids), np.uint8), len(text), len(text)
-    elif cfg.kind == "sft":
-        for turns in read_dialogues(paths):
-            turns = [(role, normalise(c)) for role, c in turns]
-            ids, mask = tok.encode_dialogue(turns)
-            if not cfg.assistant_only_loss:
-                mask = [True] * len(ids)
-            learned = sum(len(c) for role, c in turns if role == "assistant" or not cfg.assistant_only_loss)
-            total = sum(len(c) for _, c in turns)
-            key = json.dumps(turns, ensure_ascii=False)
-            yield key, np.asarray(ids, np.int32), np.asarray(mask, np.uint8), learned, total
-    else:
+def _items(cfg: DataConfig, paths, fixed: str | None):
+    """(split, item) of every document of ``paths``: its normalised text ("pretrain") or turns ("sft").
+    The split is ``fixed``, or else decided by a hash of the item's text."""
+    if cfg.kind not in KINDS:
         raise ValueError(f"unknown corpus kind {cfg.kind!r}; expected one of {KINDS}")
+    if cfg.kind == "pretrain":
+        items = (normalise(text) for text in read_pretrain(paths))
+    else:
+        items = ([(role, normalise(c)) for role, c in turns] for turns in read_dialogues(paths))
+    for item in items:
+        key = item if cfg.kind == "pretrain" else json.dumps(item, ensure_ascii=False)
+        yield fixed or ("val" if in_val(key, cfg.val_fraction) else "train"), item
+
+
+def _replay(cfg: DataConfig):
+    """("replay", document) for the replay_fraction of replay_files' documents that their hash picks.
+
+    Replay keeps instruction tuning from wiping out what pretraining learned: its documents are learned
+    whole, as in pretraining, beside the dialogues, and never enter the validation split, whose loss stays
+    that of held-out dialogues alone.
+    """
+    if cfg.replay_fraction > 0:
+        for text in read_pretrain(cfg.replay_files):
+            text = normalise(text)
+            if in_val(text, cfg.replay_fraction, salt="replay:"):
+                yield "replay", text
+
+
+def _utf8_size(item) -> int:
+    """Bytes of a document's text, or of a dialogue's turns: the progress bar's unit."""
+    return len(item.encode()) if isinstance(item, str) else sum(len(c.encode()) for _, c in item)
+
+
+def _bar(total_bytes: int, desc: str) -> tqdm:
+    """A bar over the corpus's bytes (the size known before reading), on a terminal only."""
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
 
 
 def prepare(
-    cfg: DataConfig, tok: Tokenizer, block_size: int, cache_dir, log=print
+    cfg: DataConfig, tok: Tokenizer, block_size: int, cache_dir, log=print, workers: int | None = None
 ) -> tuple[TokenSet, TokenSet]:
     """(train, val) token sets of a stage, tokenized once and then loaded from the cache."""
     if block_size < 1:
@@ -185,14 +206,18 @@ def prepare(
         raise ValueError(
             f"pack applies to pretraining only, not to {cfg.kind!r}: a dialogue keeps its windows"
         )
+    if cfg.replay_fraction > 0 and cfg.kind != "sft":
+        raise ValueError("replay applies to sft only: pretraining reads its text in files")
+    replay = expand_paths(cfg.replay_files) if cfg.replay_fraction > 0 else []
     files, val_files = expand_paths(cfg.files), expand_paths(cfg.val_files) if cfg.val_files else []
     key = _key(
         DATA_FORMAT,
         tok.fingerprint,
         block_size,
-        asdict(cfg) | {"files": None, "val_files": None},
+        asdict(cfg) | {"files": None, "val_files": None, "replay_files": None},
         [file_digest(f) for f in files],
         [file_digest(f) for f in val_files],
+        [file_digest(f) for f in replay],
     )
     root = Path(cache_dir) / key
     if (root / "meta.json").exists():
@@ -204,14 +229,21 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        t0, n_chars = time.perf_counter(), 0
+        t0, n_chars, n_replay = time.perf_counter(), 0, 0
         out = {s: _SplitWriter(tmp, s, block_size, cfg.pack) for s in ("train", "val")}
         # (paths, their split), or None: each document's hash decides
         sources = [(files, "train"), (val_files, "val")] if val_files else [(files, None)]
-        for paths, fixed in sources:
-            for text, ids, mask, learned, chars in _documents(cfg, tok, paths):
-                split = fixed or ("val" if in_val(text, cfg.val_fraction) else "train")
-                out[split].add(ids, mask, learned)
+        items = chain(
+            chain.from_iterable(_items(cfg, paths, fixed) for paths, fixed in sources), _replay(cfg)
+        )
+        n_bytes = sum(f.stat().st_size for f in files + val_files + replay)
+        workers = auto_workers(workers, n_bytes)
+        everything = cfg.kind == "sft" and not cfg.assistant_only_loss
+        with _bar(n_bytes, f"tokenizing ({workers} process{'es' if workers > 1 else ''})") as bar:
+            sent = lambda chunk: bar.update(sum(_utf8_size(item) for _, item in chunk))  # noqa: E731
+            for split, ids, mask, learned, chars in encode(items, tok, everything, workers, sent):
+                n_replay += split == "replay"
+                out["train" if split == "replay" else split].add(ids, mask, learned)
                 n_chars += chars
         for w in out.values():
             w.close()
@@ -227,6 +259,8 @@ def prepare(
             "pack": cfg.pack,
             "files": [str(f) for f in files],
             "val_files": [str(f) for f in val_files],
+            "replay_files": [str(f) for f in replay],
+            "n_replay_docs": n_replay,
             "train": out["train"].stats,
             "val": out["val"].stats,
             "seconds": seconds,
@@ -243,9 +277,10 @@ def prepare(
     n_docs = meta["train"]["n_docs"] + meta["val"]["n_docs"]
     n_tok = meta["train"]["n_tokens"] + meta["val"]["n_tokens"]
     unk = (meta["train"]["n_unk"] + meta["val"]["n_unk"]) / max(n_tok, 1)
+    replayed = f", {meta['n_replay_docs']} of them replayed pretraining text" if replay else ""
     log(
-        f"tokenized {n_docs} docs ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
-        f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s → {root}"
+        f"tokenized {n_docs} docs{replayed} ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
+        f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s, {workers} process{'es' if workers > 1 else ''} → {root}"
     )
     return TokenSet(root, "train"), TokenSet(root, "val")
 
@@ -258,6 +293,7 @@ def build_tokenizer(
     cache_dir,
     log=print,
     idioms=None,
+    workers: int | None = None,
 ) -> Tokenizer:
     """The vocabulary of all the given corpora, built once and then loaded from ``<cache_dir>/vocab-<key>.json``."""
     idioms = shipped_idioms() if idioms is None else tuple(sorted(set(idioms)))
@@ -276,10 +312,19 @@ def build_tokenizer(
         return Tokenizer.load(path)
     t0 = time.perf_counter()
     texts = chain.from_iterable(corpus_texts(fs, kind) for kind, fs in files.items())
-    tok = Tokenizer.build(texts, min_freq=min_freq, max_size=max_size, hmm=hmm, idioms=idioms)
+    n_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)
+    workers = auto_workers(workers, n_bytes)
+    with _bar(n_bytes, f"counting words ({workers} process{'es' if workers > 1 else ''})") as bar:
+        sent = lambda chunk: bar.update(sum(map(_utf8_size, chunk)))  # noqa: E731
+        chars, words = count(texts, idioms, hmm, workers, sent)
+    tok = Tokenizer.from_counts(chars, words, min_freq, max_size, hmm, idioms)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
-    log(f"built vocabulary of {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f} s → {path}")
+    seconds = time.perf_counter() - t0
+    log(
+        f"built vocabulary of {tok.vocab_size} tokens from {chars.total():,} chars in {seconds:.1f} s "
+        f"({chars.total() / max(seconds, 1e-9):,.0f} chars/s, {workers} process{'es' if workers > 1 else ''}) → {path}"
+    )
     return tok
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rgpt.data.dataset import file_digest
+from rgpt.data.corpus import file_digest
 from rgpt.data.sources import MIX, SOURCES, FetchError, Source, command, download, han_count, unpack
 
 # a space between two Chinese characters or marks is an artefact (subtitle segments joined, aligned captions)
