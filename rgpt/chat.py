@@ -198,15 +198,24 @@ class Conversation:
         return ids + [USER_ID, *question, ASSISTANT_ID], question, notices
 
 
+def context_window(model, context_tokens: int | None) -> int:
+    """Tokens of prompt + reply a conversation keeps: context_tokens, or the model's whole window."""
+    n = model.config.block_size
+    if context_tokens is not None and context_tokens > n:
+        raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
+    return context_tokens or n
+
+
 def prompt_budget(context_tokens: int, max_new_tokens: int) -> int:
     """Prompt tokens allowed: the context less room for the reply, but never under half the context."""
     return max(context_tokens - max_new_tokens, context_tokens // 2)
 
 
 class ReplyText:
-    """A reply's text as its tokens arrive. add() returns the text that is new and final: the whole
-    reply is decoded each time (a piece prints whole), and text ending in the start of a stop string is
-    held back until it is known not to be one. At a stop string the reply ends, the stop string cut off."""
+    """A reply's text as its tokens arrive. add() returns the text that is new and final: each token's
+    piece whole (decoding joins pieces, so the text grows by exactly that piece), except that text ending
+    in the start of a stop string is held back until it is known not to be one. At a stop string the
+    reply ends, the stop string cut off."""
 
     def __init__(self, tok, stop: tuple[str, ...] = ()):
         self.tok, self.stop = tok, tuple(s for s in stop if s)
@@ -214,8 +223,10 @@ class ReplyText:
         self.text, self.sent, self.stopped = "", 0, False
 
     def add(self, token: int) -> str:
+        if self.stopped:  # the reply has ended: later tokens are not part of it
+            return ""
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids)
+        self.text += self.tok.decode([token])
         cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.stopped = self.text[: min(cuts)], True
@@ -235,11 +246,8 @@ class Chat:
     """One chat session: a model, its tokenizer, decoding settings and the conversation."""
 
     def __init__(self, model, tok, decode: DecodeConfig, context_tokens: int | None = None):
-        n = model.config.block_size
-        if context_tokens is not None and context_tokens > n:
-            raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
         self.model, self.tok, self.decode = model, tok, decode
-        self.context_tokens = context_tokens or n
+        self.context_tokens = context_window(model, context_tokens)
         self.generator = make_generator(decode.seed, model.device)
         self.conversation = Conversation(self.budget())
 
