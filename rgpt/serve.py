@@ -103,6 +103,7 @@ def serve(c: ServeConfig, device) -> None:
     from rgpt.engine import Engine
 
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
     engine = Engine(model, tok, c.max_active, c.max_queue)
     service = Service(

@@ -14,9 +14,10 @@ class Server:
     """python -m rgpt.serve args… bound to 127.0.0.1 on a port the system picks (port=0); its address is
     read from the line it prints once listening. stop() sends Ctrl-C and returns (exit code, stderr)."""
 
-    def __init__(self, *args, cwd, timeout=90.0):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}  # tiny model: 1 thread
-        command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu", "threads=1"]
+    def __init__(self, *args, cwd, threads=1, timeout=90.0):  # tiny model: 1 thread is fastest
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8"}
+        command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu"]
+        command.append(f"threads={threads}")
         self.proc = subprocess.Popen(
             [*command, *args],
             cwd=cwd,
