@@ -27,6 +27,8 @@ from rgpt.generate import DecodeConfig
 PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 RETRY_AFTER_S = 1  # a full queue drains in about a reply's time: a second on CPU for a base-model answer
 IGNORED_ROLES = ("system", "developer")  # the model was never trained with a system turn
+PASSED = ("top_p", "top_k", "seed", "repetition_penalty", "min_tokens")  # request fields DecodeConfig takes
+RENAMED = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # request name -> DecodeConfig's
 
 
 @dataclass
@@ -125,30 +127,21 @@ def request_decode(req: ChatRequest, s: Service) -> DecodeConfig:
     """The server's decoding defaults with the request's fields applied, checked by DecodeConfig."""
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
-            raise ApiError(
-                400, f"{name} is not supported; use repetition_penalty (> 1 discourages repeats)", param=name
-            )
-    max_tokens = next(
-        (n for n in (req.max_completion_tokens, req.max_tokens) if n is not None), s.decode.max_new_tokens
-    )
-    if max_tokens > s.max_tokens_limit:
+            why = "is not supported; use repetition_penalty (> 1 discourages repeats)"
+            raise ApiError(400, f"{name} {why}", param=name)
+    max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+    if max_tokens is not None and max_tokens > s.max_tokens_limit:
         raise ApiError(400, f"max_tokens={max_tokens} exceeds this server's limit of {s.max_tokens_limit}")
-    changes = {"max_new_tokens": max_tokens}
+    given = {"max_tokens": max_tokens, **{k: getattr(req, k) for k in PASSED}}
+    changes = {RENAMED.get(k, k): v for k, v in given.items() if v is not None}
     if req.temperature is not None:
         changes |= {"temperature": req.temperature, "method": "sample" if req.temperature > 0 else "greedy"}
-    fields = {"top_p": "top_p", "top_k": "top_k", "seed": "seed", "repetition_penalty": "repetition_penalty"}
-    fields["min_tokens"] = "min_new_tokens"
-    changes |= {
-        ours: getattr(req, theirs) for theirs, ours in fields.items() if getattr(req, theirs) is not None
-    }
     try:
         return replace(s.decode, **changes).check()
-    except ValueError as e:  # "top_p=2.0 must be in (0, 1]": named as the request named it
+    except ValueError as e:  # "max_new_tokens=0 must be >= 1": named as the request names it
         ours = str(e).partition("=")[0]
-        theirs = {v: k for k, v in fields.items()}.get(
-            ours, "max_tokens" if ours == "max_new_tokens" else ours
-        )
-        raise ApiError(400, str(e).replace(ours, theirs, 1), param=theirs) from None
+        theirs = {v: k for k, v in RENAMED.items()}.get(ours, ours)
+        raise ApiError(400, theirs + str(e)[len(ours) :], param=theirs) from None
 
 
 def text_of(message: Message, i: int) -> str:
@@ -329,7 +322,9 @@ def create_app(s: Service) -> FastAPI:
         if req.model != s.model_id:
             raise unknown_model(req.model)
         decode = request_decode(req, s)
-        prompt = prompt_ids(req, s.tok, prompt_budget(s.context_tokens, decode.max_new_tokens))
+        budget = prompt_budget(s.context_tokens, decode.max_new_tokens)
+        # tokenizing up to max_request_bytes of text takes a while: off the event loop, so streams flow on
+        prompt = await asyncio.to_thread(prompt_ids, req, s.tok, budget)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         reply = Reply(prompt, decode, stop, asyncio.get_running_loop())
         try:

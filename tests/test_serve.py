@@ -261,6 +261,8 @@ def test_bad_requests_get_openai_errors(strict_server):
         ({**good, "max_tokens": LONG + 1}, 400, f"limit of {LONG}"),
         ({**good, "n": 2}, 400, "n: "),
         ({**good, "presence_penalty": 0.5}, 400, "use repetition_penalty"),
+        ({**good, "seed": 2**64}, 400, "seed=18446744073709551616 must fit in 64 bits"),
+        ({**good, "min_tokens": -1}, 400, "min_tokens=-1 must be >= 0"),
         ({**good, "model": "gpt-4o"}, 404, "does not exist"),
     ]
     for body, status, needle in cases:
