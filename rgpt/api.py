@@ -199,7 +199,7 @@ async def complete(reply: Reply, request: Request, s: Service, head: dict) -> JS
         if event[0] == "text":
             pieces.append(event[1])
         elif event[0] == "error":
-            raise ApiError(500, event[1], kind="server_error")
+            raise ApiError(event[1], event[2], kind="server_error")
         elif event[0] == "gone":  # nobody is left to read this
             raise ApiError(499, "client closed the request")
         else:
@@ -234,7 +234,7 @@ async def chunks(reply: Reply, s: Service, head: dict, include_usage: bool):
                 yield chunk({"content": event[1]})
             elif event[0] == "error":  # the status line has gone: the error travels as an event
                 yield sse(
-                    {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
+                    {"error": {"message": event[2], "type": "server_error", "param": None, "code": None}}
                 )
                 break
             else:

@@ -7,7 +7,8 @@ waiting for all earlier ones to finish. A reply whose client went away is droppe
 
 The worker thread owns the model; the web server's event loop only submits, cancels and reads events.
 Events reach a reply's asyncio queue through call_soon_threadsafe: ("text", new text) as it is decoded,
-then ("end", finish_reason, tokens generated), or ("error", message) if decoding failed.
+then ("end", finish_reason, tokens generated); or ("error", HTTP status, message) if decoding failed
+or the server is shutting down.
 """
 
 import asyncio
@@ -55,9 +56,13 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
+        """End every reply, active or waiting (its client is told the server is shutting down), and then
+        the thread; returns at once (join() waits for the thread)."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
+
+    def join(self) -> None:
         self.thread.join(timeout=10)
 
     def counts(self) -> dict:
@@ -88,8 +93,9 @@ class Engine:
                 while not (self.stopping or self.waiting or self.active):
                     self.lock.wait()
                 if self.stopping:
-                    for _, tokens, _ in self.active:
-                        tokens.close()
+                    for reply in [*(entry[0] for entry in self.active), *self.waiting]:
+                        self._post(reply, ("error", 503, "the server is shutting down"))
+                    self.active, self.waiting = [], collections.deque()
                     return
                 while self.waiting and len(self.active) < self.max_active:
                     reply = self.waiting.popleft()
@@ -116,7 +122,7 @@ class Engine:
             return self._finish(reply, text, "length" if ended else "stop")
         except Exception as e:  # a reply fails alone; the server and the other replies go on
             reply.done = True
-            return self._post(reply, ("error", f"decoding failed: {type(e).__name__}: {e}"))
+            return self._post(reply, ("error", 500, f"decoding failed: {type(e).__name__}: {e}"))
         new = text.add(token)
         if new:
             self._post(reply, ("text", new))

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import uvicorn
 
+from rgpt.api import Service, create_app
 from rgpt.chat import check_context_tokens, context_window, decode_settings, open_model, quote_text_overrides
 from rgpt.cli import ConfigError, hydra_main, setup_runtime
+from rgpt.engine import Engine
 from rgpt.generate import DecodeConfig
 
 TEXT_KEYS = ("checkpoint", "out_dir", "host", "api_key", "model_name")  # quoted for Hydra (see rgpt.chat)
@@ -96,12 +99,20 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which also ends every reply when told to stop (Ctrl-C, SIGTERM): open streams
+    then finish at once instead of holding the shutdown until they are cut off."""
+
+    def __init__(self, config, engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.stop()
+        super().handle_exit(sig, frame)
+
+
 def serve(c: ServeConfig, device) -> None:
-    import uvicorn
-
-    from rgpt.api import Service, create_app
-    from rgpt.engine import Engine
-
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
@@ -125,9 +136,10 @@ def serve(c: ServeConfig, device) -> None:
     engine.start()
     print(f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config, engine).run(sockets=[sock])
     finally:
         engine.stop()
+        engine.join()
 
 
 @hydra_main("serve")

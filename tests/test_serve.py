@@ -7,6 +7,7 @@ decoding slot, a queue of one and a 4 KiB body limit, for the error, queue and d
 import asyncio
 import json
 import re
+import signal
 import time
 
 import httpx
@@ -381,3 +382,30 @@ def test_concurrent_streams_never_cross(open_server, tiny_run, tmp_path):
         f"{len(crossed)} of {len(requests)} replies differ (request, expected, got): {crossed}"
     )
     assert wait_for(open_server, active=0, queued=0)["served"] >= len(requests)
+
+
+@pytest.mark.slow
+def test_stopping_the_server_ends_open_streams_at_once(strict_server):
+    """Ctrl-C with a stream open: the stream gets an error event and [DONE] and the server exits 0 at once,
+    instead of waiting for the reply or being cut off after the graceful-shutdown timeout. (Runs last.)"""
+    s = strict_server
+    endless = {
+        "model": s.model,
+        "messages": ask(Q_HELLO),
+        "stream": True,
+        "max_tokens": LONG,
+        "min_tokens": LONG,
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=endless, headers=headers, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        wait_for(s, active=1)
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        events = [line for line in lines if line]
+    assert time.monotonic() - start < 2.5, "the stream should end as soon as the server is told to stop"
+    assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2], events[-3:]
+    s.proc.wait(timeout=5)  # before stop(), whose second Ctrl-C would force the exit
+    code, stderr = s.stop()
+    assert code == 0 and "Traceback" not in stderr and "ERROR" not in stderr, stderr
