@@ -15,6 +15,7 @@ import openai
 import pytest
 import torch
 
+from rgpt import overrides
 from rgpt.chat import ReplyText
 from rgpt.cli import ConfigError
 from rgpt.generate import DecodeConfig, generate
@@ -106,6 +107,13 @@ def test_settings_are_checked(tiny_run):
     with pytest.raises(ConfigError, match="context_tokens=65 exceeds the model's window of 64"):
         serve(ServeConfig(checkpoint=str(ckpt), context_tokens=65), torch.device("cpu"))
     assert model_id(ckpt) == "rgpt-sft-default-best-00000300", "the id names stage, run and checkpoint"
+
+
+def test_the_yaml_defaults_are_the_dataclasses_defaults():
+    """conf/serve.yaml and conf/decode.yaml only repeat ServeConfig's and DecodeConfig's defaults."""
+    composed = overrides._composed("serve", [])
+    shared = ("device", "threads", "allocator")
+    assert ServeConfig.from_dict({k: v for k, v in composed.items() if k not in shared}) == ServeConfig()
 
 
 def test_a_port_in_use_is_one_line(open_server, tiny_run, tmp_path):

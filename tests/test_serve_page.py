@@ -103,7 +103,8 @@ def test_the_page_streams_replies_keeps_history_and_clears(server, browser, tmp_
     assert browser.execute_script("return window.updates") > 3, "the reply must appear piece by piece"
     assert ask(browser, Q_SEASONS) == ANSWERS[Q_SEASONS]
     first, second = browser.execute_script("return window.bodies")
-    assert first["stream"] is True and first["model"] == server.model and first["temperature"] == 0
+    assert first["stream"] is True and first["model"] == server.model
+    assert "temperature" not in first and "max_tokens" not in first, "the server's defaults: greedy, 100"
     assert [m["content"] for m in second["messages"]] == [Q_HELLO, ANSWERS[Q_HELLO], Q_SEASONS]
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert browser.find_element(By.ID, "send").is_enabled(), "the page is ready for the next question"
@@ -126,3 +127,4 @@ def test_the_page_streams_replies_keeps_history_and_clears(server, browser, tmp_
     last = browser.execute_script("return window.bodies")[-1]
     assert [m["content"] for m in last["messages"]] == [Q_MOUNTAIN], "after clear, no history is sent"
     assert (last["temperature"], last["top_p"], last["seed"], last["max_tokens"]) == (0.7, 0.9, 3, 5)
+    assert "top_k" not in last and "repetition_penalty" not in last, "fields left empty are not sent"
