@@ -1,12 +1,16 @@
 """python scripts/load.py (--checkpoint PATH | --tiny) [--clients 32] [--max-tokens 64] [--threads 2]
+                         [--probe-batching]
 
 A load test of python -m rgpt.serve: starts the server on loopback, opens --clients streaming requests at
 once with distinct questions (the first user turns of the built-in SFT corpus), then asks each question
 again alone, one after another, and checks that every concurrent reply equals its lone reply (none
 crossed). Each request samples with its own seed (its index), so the replies differ from each other and
 still repeat exactly; min_tokens = max_tokens makes every reply the same length, so the figures compare.
-Prints time to first token (p50/p95), tokens/s over all clients, and the same for lone requests.
+Prints time to first token (p50/p95), tokens/s over all clients together and per client (its tokens over
+its whole request), and the same for lone requests.
 --tiny serves the tests' tiny model (2 layers, 32 wide, trained in seconds) instead of a checkpoint.
+--probe-batching also times decode steps of one row against many rows at once: what batching the
+active replies could gain at most.
 """
 
 import argparse
@@ -84,13 +88,35 @@ async def measure(url: str, model: str, args) -> dict:
         "ttft p50 s": statistics.median(r["ttft"] for r in together),
         "ttft p95 s": p95([r["ttft"] for r in together]),
         "tokens/s, all clients": sum(r["tokens"] for r in together) / wall,
-        "tokens/s per client (median)": statistics.median(
-            (r["tokens"] - 1) / (r["total"] - r["ttft"]) for r in together
-        ),
+        "tokens/s per client (median)": statistics.median(r["tokens"] / r["total"] for r in together),
         "wall s": wall,
         "lone: ttft p50 s": statistics.median(r["ttft"] for r in alone),
-        "lone: tokens/s": statistics.median((r["tokens"] - 1) / (r["total"] - r["ttft"]) for r in alone),
+        "lone: tokens/s": statistics.median(r["tokens"] / r["total"] for r in alone),
     }
+
+
+def batching_probe(checkpoint, threads: int, rows: int, steps: int = 48) -> dict:
+    """What batching the active replies could gain at most: ms per token of one decode step of one row
+    (how the server decodes, a reply at a time) against one step of `rows` rows together (the same
+    position in every row; real batching would also need a position and a mask per row)."""
+    import torch
+
+    from rgpt.chat import open_model
+    from rgpt.generate import Window
+
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        model, _, _ = open_model(checkpoint, None, torch.device("cpu"))
+        V, T = model.config.vocab_size, model.config.block_size
+        ms = {}
+        for batch in (1, rows):
+            window = Window(model, batch)
+            window.extend(torch.randint(6, V, (batch, T // 4)))  # a prompt a quarter of the window long
+            start = time.perf_counter()
+            for _ in range(steps):
+                window.extend(torch.randint(6, V, (batch, 1)))
+            ms[batch] = (time.perf_counter() - start) / steps / batch * 1000
+    return {"ms/token, a reply at a time": ms[1], f"ms/token, {rows} rows batched": ms[rows]}
 
 
 def main() -> None:
@@ -102,6 +128,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (min_tokens too)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
+    parser.add_argument("--probe-batching", action="store_true", help="also time batched decode steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
@@ -116,6 +143,8 @@ def main() -> None:
             result = asyncio.run(measure(server.url, server.model, args))
         finally:
             code, stderr = server.stop()
+        if args.probe_batching:
+            result |= batching_probe(checkpoint, args.threads, args.clients)
     print(f"model {server.model} ({checkpoint}), {args.max_tokens} tokens a reply")
     for key, value in result.items():
         print(f"  {key:30} {value:.3f}" if isinstance(value, float) else f"  {key:30} {value}")
