@@ -52,9 +52,8 @@ def strict_server(tiny_run, tmp_path_factory):
 
 
 def client(server, **kw) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{server.url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw
-    )
+    key = kw.pop("api_key", "unused")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
 
 
 def ask(question: str) -> list[dict]:
@@ -381,7 +380,9 @@ def test_concurrent_streams_never_cross(open_server, tiny_run, tmp_path):
         return "".join([c.choices[0].delta.content or "" async for c in stream])
 
     async def all_at_once():
-        api = openai.AsyncOpenAI(base_url=f"{open_server.url}/v1", api_key="unused", max_retries=0)
+        api = openai.AsyncOpenAI(
+            base_url=f"{open_server.url}/v1", api_key="unused", max_retries=0, timeout=60
+        )
         return await asyncio.gather(*(one(api, q, settings) for q, settings in requests))
 
     got = asyncio.run(all_at_once())
