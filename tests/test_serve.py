@@ -301,6 +301,9 @@ def test_the_api_key_is_required_when_set(strict_server):
     with pytest.raises(openai.AuthenticationError):
         client(s, api_key="wrong").models.list()
     assert [m.id for m in client(s, api_key=KEY).models.list()] == [s.model]
+    assert client(s, api_key=KEY).models.retrieve(s.model).id == s.model
+    with pytest.raises(openai.NotFoundError):
+        client(s, api_key=KEY).models.retrieve("gpt-4o")
     assert post(s, body).status_code == 200
     assert httpx.get(f"{s.url}/health").json()["status"] == "ok", "health needs no key"
 
