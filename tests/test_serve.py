@@ -319,17 +319,16 @@ def wait_for(server, timeout=10.0, **counts) -> dict:
     raise AssertionError(f"health never reached {counts}: {health}")
 
 
+def endless_request(server, stream: bool) -> dict:
+    """A request whose reply cannot end during a test: min_tokens forbids the end of turn before LONG."""
+    body = {"model": server.model, "messages": ask(Q_HELLO), "max_tokens": LONG, "min_tokens": LONG}
+    return body | {"stream": stream}
+
+
 @pytest.mark.slow
 def test_full_queue_is_503_and_a_disconnect_frees_the_slot(strict_server):
     s = strict_server
-    endless = {
-        "model": s.model,
-        "messages": ask(Q_HELLO),
-        "stream": True,
-        "max_tokens": LONG,
-        "min_tokens": LONG,
-    }
-    headers = {"Authorization": f"Bearer {KEY}"}
+    endless, headers = endless_request(s, stream=True), {"Authorization": f"Bearer {KEY}"}
     with (
         httpx.Client(base_url=s.url, headers=headers, timeout=30) as a,
         httpx.Client(base_url=s.url, headers=headers, timeout=30) as b,
@@ -351,7 +350,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_slot(strict_server):
 @pytest.mark.slow
 def test_a_non_streaming_client_that_leaves_frees_its_slot(strict_server):
     s = strict_server
-    endless = {"model": s.model, "messages": ask(Q_HELLO), "max_tokens": LONG, "min_tokens": LONG}
+    endless = endless_request(s, stream=False)
     with pytest.raises(httpx.ReadTimeout):
         post(s, endless, timeout=1.0)  # gives up after a second, closing the connection
     wait_for(s, active=0, queued=0, timeout=5)
@@ -401,14 +400,7 @@ def test_stopping_the_server_ends_open_streams_at_once(strict_server):
     """Ctrl-C with a stream open: the stream gets an error event and [DONE] and the server exits 0 at once,
     instead of waiting for the reply or being cut off after the graceful-shutdown timeout. (Runs last.)"""
     s = strict_server
-    endless = {
-        "model": s.model,
-        "messages": ask(Q_HELLO),
-        "stream": True,
-        "max_tokens": LONG,
-        "min_tokens": LONG,
-    }
-    headers = {"Authorization": f"Bearer {KEY}"}
+    endless, headers = endless_request(s, stream=True), {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=endless, headers=headers, timeout=30) as r:
         lines = r.iter_lines()
         next(lines)
