@@ -1,6 +1,6 @@
 """python -m rgpt.chat [checkpoint=PATH] [prompt=TEXT] [method=greedy|sample|beam] [key=value ...]
 
-Talk to a trained model in Chinese (every key: conf/chat.yaml). Three ways in:
+Talk to a trained model in Chinese (every key: conf/chat.yaml and conf/decode.yaml). Three ways in:
 - interactive (a terminal): replies stream token by token, the conversation is remembered, and /help,
   /clear, /set key=value and /quit are understood; Ctrl-D or Ctrl-C leaves;
 - one-shot: prompt="山脉是如何形成的？" prints only the reply;
@@ -99,23 +99,29 @@ class ChatConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]} (known: {', '.join(sorted(known - {'decode'}))})")
-        decode = DecodeConfig()
-        for key in SETTABLE:
-            if key in d:
-                decode = set_decode(decode, key, d.pop(key))
         text = lambda v: None if v is None else str(v)  # noqa: E731  (prompt=123 arrives as an int)
-        ctx = d.get("context_tokens")
-        if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 8):
-            raise ConfigError(
-                f"context_tokens={ctx!r} must be an integer >= 8 (or null for the model's window)"
-            )
         return cls(
             checkpoint=text(d.get("checkpoint")),
             out_dir=str(d.get("out_dir", "outputs")),
             prompt=text(d.get("prompt")),
-            context_tokens=ctx,
-            decode=decode,
+            context_tokens=check_context_tokens(d.get("context_tokens")),
+            decode=decode_settings(d),
         )
+
+
+def decode_settings(d: dict) -> DecodeConfig:
+    """The decoding settings among a config's keys (conf/decode.yaml), checked; the rest keep their defaults."""
+    decode = DecodeConfig()
+    for key in SETTABLE:
+        if key in d:
+            decode = set_decode(decode, key, d[key])
+    return decode
+
+
+def check_context_tokens(ctx):
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 8):
+        raise ConfigError(f"context_tokens={ctx!r} must be an integer >= 8 (or null for the model's window)")
+    return ctx
 
 
 INT_KEYS = ("top_k", "beam_width", "max_new_tokens", "seed")  # the other settable keys are floats, and method
@@ -192,21 +198,61 @@ class Conversation:
         return ids + [USER_ID, *question, ASSISTANT_ID], question, notices
 
 
+def context_window(model, context_tokens: int | None) -> int:
+    """Tokens of prompt + reply a conversation keeps: context_tokens, or the model's whole window."""
+    n = model.config.block_size
+    if context_tokens is not None and context_tokens > n:
+        raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
+    return context_tokens or n
+
+
+def prompt_budget(context_tokens: int, max_new_tokens: int) -> int:
+    """Prompt tokens allowed: the context less room for the reply, but never under half the context."""
+    return max(context_tokens - max_new_tokens, context_tokens // 2)
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive. add() returns the text that is new and final: each token's
+    piece whole (decoding joins pieces, so the text grows by exactly that piece), except that text ending
+    in the start of a stop string is held back until it is known not to be one. At a stop string the
+    reply ends, the stop string cut off."""
+
+    def __init__(self, tok, stop: tuple[str, ...] = ()):
+        self.tok, self.stop = tok, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int) -> str:
+        if self.stopped:  # the reply has ended: later tokens are not part of it
+            return ""
+        self.ids.append(token)
+        self.text += self.tok.decode([token])
+        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[: min(cuts)], True
+            return self.rest()
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        new = self.text[self.sent : len(self.text) - held]
+        self.sent += len(new)
+        return new
+
+    def rest(self) -> str:
+        """What is still held back (the reply has ended)."""
+        new, self.sent = self.text[self.sent :], len(self.text)
+        return new
+
+
 class Chat:
     """One chat session: a model, its tokenizer, decoding settings and the conversation."""
 
     def __init__(self, model, tok, decode: DecodeConfig, context_tokens: int | None = None):
-        n = model.config.block_size
-        if context_tokens is not None and context_tokens > n:
-            raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
         self.model, self.tok, self.decode = model, tok, decode
-        self.context_tokens = context_tokens or n
+        self.context_tokens = context_window(model, context_tokens)
         self.generator = make_generator(decode.seed, model.device)
         self.conversation = Conversation(self.budget())
 
     def budget(self) -> int:
-        """Prompt tokens allowed: the context less room for the reply, but never under half the context."""
-        return max(self.context_tokens - self.decode.max_new_tokens, self.context_tokens // 2)
+        return prompt_budget(self.context_tokens, self.decode.max_new_tokens)
 
     def set(self, **values) -> None:
         """Change decoding settings, all or none (ConfigError names the first bad one)."""
@@ -230,14 +276,13 @@ class Chat:
             if out is not None:
                 out.write(shown)
         else:
-            ids, shown = [], ""
+            text = ReplyText(self.tok)
             for token in stream(self.model, prompt, self.decode, generator=self.generator):
-                ids.append(token)
-                text_so_far = self.tok.decode(ids)  # decode everything: a piece prints whole
+                new = text.add(token)
                 if out is not None:
-                    out.write(text_so_far[len(shown) :])
+                    out.write(new)
                     out.flush()
-                shown = text_so_far
+            ids, shown = text.ids, text.text
         if remember:
             self.conversation.add(question, ids)
         return shown

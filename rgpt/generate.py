@@ -46,6 +46,7 @@ class DecodeConfig:
             ("beam_width", self.beam_width >= 1, "must be >= 1"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("min_new_tokens", self.min_new_tokens >= 0, "must be >= 0"),
+            ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "must fit in 64 bits"),
         ]
         for key, ok, why in rules:
             if not ok:

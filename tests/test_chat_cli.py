@@ -198,6 +198,7 @@ def test_set_changes_decoding_and_rejects_bad_values():
     for bad, why in [("top_p=2", "top_p=2.0 must be in (0, 1]"), ("bogus=1", "unknown setting 'bogus'")]:
         assert why in chat.command(f"/set {bad}"), bad
     assert chat.command("/set max_new_tokens=2.5").endswith("max_new_tokens='2.5' is not an integer")
+    assert chat.command("/set seed=18446744073709551616").endswith("must fit in 64 bits"), "not a crash"
     assert "top_k=-1" in chat.command("/set top_p=0.5 top_k=-1")
     assert chat.decode.top_p == 0.9 and chat.decode.method == "beam", "a bad /set changes nothing"
     assert "usage" in chat.command("/set")

@@ -151,7 +151,7 @@ def test_a_sweep_gives_every_job_its_own_run_and_sft_finds_its_pretrained_job(co
 
 
 # ---- every entry point: shared keys and unknown keys -------------------------------------------------------
-@pytest.mark.parametrize("module", ["train", "chat", "eval"])
+@pytest.mark.parametrize("module", ["train", "chat", "eval", "serve"])
 def test_an_unknown_key_is_one_line_with_a_suggestion_in_every_entry_point(module, tmp_path):
     proc = run_entry(module, f"out_dir={tmp_path}", "thread=1", cwd=tmp_path)
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
@@ -166,6 +166,7 @@ def test_an_unknown_key_is_one_line_with_a_suggestion_in_every_entry_point(modul
         ("config", "trian.lr", "train.lr"),
         ("chat", "temprature", "temperature"),
         ("eval", "data.pth", "data.path"),
+        ("serve", "api_ky", "api_key"),
     ],
 )
 def test_unknown_keys_are_matched_with_their_siblings_first(config, typo, suggestion):
@@ -176,7 +177,7 @@ def test_unknown_keys_are_matched_with_their_siblings_first(config, typo, sugges
         overrides.check_overrides("config", ["train.bogus=1"])  # nothing close to bogus among train's keys
 
 
-@pytest.mark.parametrize("module", ["chat", "eval"])
+@pytest.mark.parametrize("module", ["chat", "eval", "serve"])
 def test_inference_entry_points_take_the_shared_keys(module, tmp_path):
     """threads and allocator are accepted: the run then fails only for want of a checkpoint."""
     proc = run_entry(

@@ -1,0 +1,53 @@
+"""The real server for the serve tests: python -m rgpt.serve in a subprocess, on a free loopback port."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+BANNER = re.compile(r"rgpt serve: (\S+) \(.*\) at (http://127\.0\.0\.1:\d+)/")
+
+
+class Server:
+    """python -m rgpt.serve args… bound to 127.0.0.1 on a port the system picks (port=0); its address is
+    read from the line it prints once listening. stop() sends Ctrl-C and returns (exit code, stderr)."""
+
+    def __init__(self, *args, cwd, threads=1, timeout=90.0):  # tiny model: 1 thread is fastest
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8"}
+        command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu"]
+        command.append(f"threads={threads}")
+        self.proc = subprocess.Popen(
+            [*command, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()  # the pipe never fills, whatever is logged
+        if not self.ready.wait(timeout) or self.proc.poll() is not None:
+            self.proc.kill()
+            raise AssertionError("the server did not start:\n" + "".join(self.lines))
+        self.model, self.url = BANNER.search("".join(self.lines)).groups()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if BANNER.search(line):
+                self.ready.set()
+        self.ready.set()  # the process ended
+
+    def stop(self, timeout=20.0) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, "".join(self.lines)
