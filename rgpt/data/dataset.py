@@ -40,7 +40,7 @@ from rgpt.data.corpus import (
     read_dialogues,
     read_pretrain,
 )
-from rgpt.data.encode import auto_workers, count, encode
+from rgpt.data.encode import auto_workers, count, encode, processes
 from rgpt.data.npyfile import NpyWriter
 from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
 
@@ -172,15 +172,15 @@ def _items(cfg: DataConfig, paths, fixed: str | None):
         yield fixed or ("val" if in_val(key, cfg.val_fraction) else "train"), item
 
 
-def _replay(cfg: DataConfig):
+def _replay(cfg: DataConfig, paths: list[Path]):
     """("replay", document) for the replay_fraction of replay_files' documents that their hash picks.
 
-    Replay keeps instruction tuning from wiping out what pretraining learned: its documents are learned
-    whole, as in pretraining, beside the dialogues, and never enter the validation split, whose loss stays
-    that of held-out dialogues alone.
+    Replay is meant to keep instruction tuning from wiping out what pretraining learned (a fixed 2% slice
+    did not, as measured in the README): its documents are learned whole, as in pretraining, beside the
+    dialogues, and never enter the validation split, whose loss stays that of held-out dialogues alone.
     """
-    if cfg.replay_fraction > 0:
-        for text in read_pretrain(cfg.replay_files):
+    if paths:
+        for text in read_pretrain(paths):
             text = normalise(text)
             if in_val(text, cfg.replay_fraction, salt="replay:"):
                 yield "replay", text
@@ -234,12 +234,12 @@ def prepare(
         # (paths, their split), or None: each document's hash decides
         sources = [(files, "train"), (val_files, "val")] if val_files else [(files, None)]
         items = chain(
-            chain.from_iterable(_items(cfg, paths, fixed) for paths, fixed in sources), _replay(cfg)
+            chain.from_iterable(_items(cfg, paths, fixed) for paths, fixed in sources), _replay(cfg, replay)
         )
         n_bytes = sum(f.stat().st_size for f in files + val_files + replay)
         workers = auto_workers(workers, n_bytes)
         everything = cfg.kind == "sft" and not cfg.assistant_only_loss
-        with _bar(n_bytes, f"tokenizing ({workers} process{'es' if workers > 1 else ''})") as bar:
+        with _bar(n_bytes, f"tokenizing ({processes(workers)})") as bar:
             sent = lambda chunk: bar.update(sum(_utf8_size(item) for _, item in chunk))  # noqa: E731
             for split, ids, mask, learned, chars in encode(items, tok, everything, workers, sent):
                 n_replay += split == "replay"
@@ -280,7 +280,7 @@ def prepare(
     replayed = f", {meta['n_replay_docs']} of them replayed pretraining text" if replay else ""
     log(
         f"tokenized {n_docs} docs{replayed} ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
-        f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s, {workers} process{'es' if workers > 1 else ''} → {root}"
+        f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s, {processes(workers)} → {root}"
     )
     return TokenSet(root, "train"), TokenSet(root, "val")
 
@@ -314,7 +314,7 @@ def build_tokenizer(
     texts = chain.from_iterable(corpus_texts(fs, kind) for kind, fs in files.items())
     n_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)
     workers = auto_workers(workers, n_bytes)
-    with _bar(n_bytes, f"counting words ({workers} process{'es' if workers > 1 else ''})") as bar:
+    with _bar(n_bytes, f"counting words ({processes(workers)})") as bar:
         sent = lambda chunk: bar.update(sum(map(_utf8_size, chunk)))  # noqa: E731
         chars, words = count(texts, idioms, hmm, workers, sent)
     tok = Tokenizer.from_counts(chars, words, min_freq, max_size, hmm, idioms)
@@ -323,7 +323,7 @@ def build_tokenizer(
     seconds = time.perf_counter() - t0
     log(
         f"built vocabulary of {tok.vocab_size} tokens from {chars.total():,} chars in {seconds:.1f} s "
-        f"({chars.total() / max(seconds, 1e-9):,.0f} chars/s, {workers} process{'es' if workers > 1 else ''}) → {path}"
+        f"({chars.total() / max(seconds, 1e-9):,.0f} chars/s, {processes(workers)}) → {path}"
     )
     return tok
 

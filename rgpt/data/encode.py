@@ -33,6 +33,11 @@ def auto_workers(workers: int | None, n_bytes: int) -> int:
     return len(os.sched_getaffinity(0)) if n_bytes >= AUTO_MIN_BYTES else 1
 
 
+def processes(n: int) -> str:
+    """ "1 process", "2 processes": for the log lines and progress bars that say how the work ran."""
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
 def chunked(items: Iterable, size: Callable[[object], int], chunk: int | None = None) -> Iterator[list]:
     """Consecutive lists of ``items`` whose sizes add up to about ``chunk`` (CHUNK_CHARS), one item at least."""
     chunk = chunk or CHUNK_CHARS
