@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rgpt.cli import ALLOCATORS, ConfigError
+from rgpt.model import GPTConfig
 
 STAGES = ("pretrain", "sft")
 
@@ -47,29 +48,6 @@ def _pick(cls, d: dict, prefix: str):
 def _check(ok: bool, key: str, value, why: str):
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
-
-
-@dataclass
-class ModelSettings:
-    name: str = "base"
-    n_embd: int = 512
-    n_head: int = 8
-    n_layer: int = 4
-    n_hidden: int = 1024
-    block_size: int = 256
-    dropout: float = 0.1
-    activation: str = "relu"
-
-    def validate(self):
-        for key in ("n_embd", "n_head", "n_layer", "n_hidden", "block_size"):
-            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be a positive integer")
-        _check(
-            self.n_embd % self.n_head == 0, "model.n_head", self.n_head, f"must divide n_embd={self.n_embd}"
-        )
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        _check(
-            self.activation in ("relu", "gelu"), "model.activation", self.activation, "must be relu or gelu"
-        )
 
 
 @dataclass
@@ -221,7 +199,7 @@ class MonitorSettings:
 @dataclass
 class RunConfig:
     stage: str
-    model: ModelSettings
+    model: GPTConfig  # the architecture: its one definition is rgpt/model.py
     train: TrainSettings
     data: DataSettings
     tokenizer: TokenizerSettings
@@ -250,7 +228,7 @@ class RunConfig:
         d = dict(d)
         d.pop("hydra", None)
         groups = {
-            "model": ModelSettings,
+            "model": GPTConfig,
             "train": TrainSettings,
             "data": DataSettings,
             "tokenizer": TokenizerSettings,
@@ -266,8 +244,15 @@ class RunConfig:
         _check(d.get("stage") in STAGES, "stage", d.get("stage"), f"must be one of {', '.join(STAGES)}")
         cfg = _pick(cls, {**d, **parts}, "")
         for part in parts.values():
-            if hasattr(part, "validate"):
+            if hasattr(part, "validate") and part is not cfg.model:
                 part.validate()
+        _check(
+            cfg.model.vocab_size == 0, "model.vocab_size", cfg.model.vocab_size, "is set from the tokenizer"
+        )
+        try:
+            cfg.model.validate(allow_no_vocab=True)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check(
             not (cfg.data.pack and cfg.stage == "sft"),
             "data.pack",

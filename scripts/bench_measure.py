@@ -38,8 +38,8 @@ def model_config(name: str, vocab_size: int, dropout: float) -> GPTConfig:
     if name == "quick":
         arch = dict(TINY)
     else:
-        arch = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text(encoding="utf-8"))
-        arch.pop("name")
+        arch = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+        arch.pop("defaults", None)  # the rest is what the preset changes from GPTConfig's defaults
     arch["dropout"] = dropout
     return GPTConfig(vocab_size=vocab_size, **arch)
 
