@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 import rgpt.train  # noqa: F401  (importing the entry point registers the ${corpus:...} resolver)
 from rgpt.cli import CONF_DIR, CORPUS_DIR, ConfigError
 from rgpt.config import RunConfig
+from rgpt.data import DataConfig
 from rgpt.model import GPTConfig
 from rgpt.train import load_run_config
 
@@ -157,3 +158,30 @@ def test_data_pack_is_for_pretraining_only():
     with pytest.raises(ConfigError) as e:
         run_config("stage=sft", "data.pack=true")
     assert "data.pack" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def same(yaml_value, default) -> bool:
+    """Equal, reading PyYAML's strings like '5e-4' (YAML 1.1 has no exponent floats) as numbers."""
+    if isinstance(yaml_value, str) and isinstance(default, float):
+        try:
+            return float(yaml_value) == default
+        except ValueError:
+            return False
+    return yaml_value == default
+
+
+def test_config_yaml_documents_the_dataclass_defaults_without_drifting_from_them():
+    """conf/config.yaml lists every key with its comment; its values must be the dataclasses' defaults."""
+    raw = yaml.safe_load((CONF_DIR / "config.yaml").read_text(encoding="utf-8"))
+    groups = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type)}
+    drift = []
+    for key, value in raw.items():
+        if key in ("defaults", "hydra"):
+            continue
+        if key in groups:
+            default = groups[key]() if key != "data" else DataConfig()
+            pairs = [(f"{key}.{k}", v, getattr(default, k)) for k, v in value.items()]
+        else:
+            pairs = [(key, value, next(f.default for f in dataclasses.fields(RunConfig) if f.name == key))]
+        drift += [(k, v, d) for k, v, d in pairs if "${" not in str(v) and not same(v, d)]
+    assert not drift, f"conf/config.yaml and the dataclasses disagree (key, yaml, default): {drift}"
