@@ -290,9 +290,8 @@ def pair_texts(p: Pair) -> list[tuple[str, str, bool]]:
     for k, t in enumerate(conv if isinstance(conv, list) else [], 1):
         if isinstance(t, dict) and isinstance(t.get("content"), str):
             units.append((f"{p.where} turn {k}", t["content"], t.get("role") == "assistant"))
-    return units + [
-        (f"{p.where} {k}", rec[k], True) for k in ("chosen", "rejected") if isinstance(rec.get(k), str)
-    ]
+    answers = [k for k in ("chosen", "rejected") if isinstance(rec.get(k), str) and rec[k].strip()]
+    return units + [(f"{p.where} {k}", rec[k], True) for k in answers]  # a blank one is already a problem
 
 
 def cjk_share(text: str) -> float:
@@ -333,6 +332,25 @@ def check_pairs(pairs: list[Pair], lim: Limits) -> list[str]:
     return problems + check_duplicates(named)
 
 
+def check_taught(pairs: list[Pair], dialogues: list[Dialogue]) -> list[str]:
+    """A pair whose context opens a taught (SFT) dialogue must choose an answer taught after it."""
+    taught: dict[str, tuple[str, set]] = {}
+    for d in dialogues:
+        for k, (role, content) in enumerate(d.turns):
+            if role == "assistant" and k:
+                where, answers = taught.setdefault("\n".join(c for _, c in d.turns[:k]), (d.where, set()))
+                answers.add(content)
+    problems = []
+    for p in pairs:
+        where, answers = taught.get(pair_context(p.rec), (None, None))
+        chosen = p.rec.get("chosen")
+        if answers and isinstance(chosen, str) and chosen.strip() not in answers:
+            problems.append(
+                f"{p.where}: its context is taught at {where}, but chosen is not the taught answer"
+            )
+    return problems
+
+
 def check_texts(units: list[tuple[str, str, bool]], lim: Limits) -> list[str]:
     """Placeholder artifacts in every (where, text, must_be_long) unit; length where must_be_long."""
     problems = []
@@ -354,6 +372,7 @@ def check_corpus(root=DEFAULT_ROOT, lim: Limits | None = None) -> list[str]:
     problems += check_pretrain(items, lim)
     problems += check_dialogues(dialogues, lim)
     problems += check_pairs(pairs, lim)
+    problems += check_taught(pairs, dialogues)
     problems += check_idioms(idioms, items, lim)
     problems += check_duplicates([(i.where, i.text) for i in items])
     problems += check_duplicates([(d.where, "\n".join(c for _, c in d.turns)) for d in dialogues])
