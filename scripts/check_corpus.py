@@ -40,9 +40,7 @@ class Limits:
     min_multi_turn: int = 200  # dialogues with at least two user turns
     min_idioms: int = 300  # entries of idioms.tsv
     min_idioms_in_pretrain: int = 10  # distinct idioms that occur somewhere in pretraining text
-    min_chars: int = (
-        4  # shortest pretraining text / assistant turn / chosen or rejected (user turns may be short)
-    )
+    min_chars: int = 4  # shortest pretraining text, assistant turn, chosen or rejected (user turns: "李白。")
     min_pairs: int = 300  # preference pairs under dpo/
     min_pair_conversations: int = 30  # pairs whose "conversations" has ≥ 3 turns (user/assistant/user...)
     max_kind_share: float = 0.45  # no rejection "kind" may hold more of the pairs than this
