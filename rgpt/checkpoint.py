@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-KINDS = ("last", "best", "epoch", "final")
+CHECKPOINT_KINDS = ("last", "best", "epoch", "final")
 STATE, MODEL, OPTIM, VOCAB = "state.json", "model.safetensors", "optimizer.safetensors", "vocab.json"
 
 
@@ -71,8 +71,8 @@ def _sweep(ckpt_dir: Path) -> None:
 
 def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimizer=None) -> Path:
     """Write checkpoint `<kind>-<step>` atomically and return its path."""
-    if kind not in KINDS:
-        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     _sweep(ckpt_dir)

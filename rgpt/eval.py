@@ -25,10 +25,10 @@ from rgpt.chat import SETTABLE, check_context_tokens, decode_settings, open_mode
 from rgpt.cli import ConfigError, hydra_main, setup_runtime
 from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
 from rgpt.generate import DecodeConfig, generate
+from rgpt.loss import IGNORE_INDEX as IGNORE
 from rgpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
 
 TASKS = ("lm", "sft")
-IGNORE = -100
 
 
 @dataclass

@@ -349,7 +349,7 @@ def test_resume_after_sigkill_starts_from_an_intact_checkpoint(corpus, tmp_path)
     time.sleep(random.Random().uniform(0.0, 0.3))  # somewhere in a later epoch, perhaps mid-save
     proc.kill()
     proc.wait()
-    for kind in ckpt.KINDS:
+    for kind in ckpt.CHECKPOINT_KINDS:
         for path in ckpts(tmp_path, kind):
             ckpt.read_state(path)  # every directory under a real name is intact
     steps = max(int(p.name.split("-")[1]) for p in ckpts(tmp_path, "last"))

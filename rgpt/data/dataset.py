@@ -183,8 +183,6 @@ class _SplitWriter:
 def _items(cfg: DataConfig, paths, fixed: str | None):
     """(split, item) of every document of ``paths``: its normalised text ("pretrain") or turns ("sft").
     The split is ``fixed``, or else decided by a hash of the item's text."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown corpus kind {cfg.kind!r}; expected one of {KINDS}")
     if cfg.kind == "pretrain":
         items = (normalise(text) for text in read_pretrain(paths))
     else:
