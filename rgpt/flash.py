@@ -17,7 +17,10 @@ import math
 
 import torch
 
-TILE = 64  # query and key rows per tile: (64 x 64) scores per (batch, head) at a time
+# query and key rows per tile. Each tile is a batch of small products, so larger tiles run faster and hold
+# more: forward + backward at B=4, H=8, T=1024, D=64 on 2 AVX2 cores took 15 / 8 / 6.5 s with tiles of
+# 64 / 128 / 256 against 3.8 s for StandardCore; 128 keeps the (tile x tile) scores at 2 MB for all 32 heads
+TILE = 128
 
 
 class FlashCore:
@@ -55,7 +58,7 @@ class FlashCore:
                 s = self._scores(q_i, k[:, :, j0 : j0 + t], scale, i0, j0, key_padding_mask)
                 m_new = torch.maximum(m, s.amax(-1, keepdim=True))
                 m_safe = m_new.nan_to_num(neginf=0.0)  # rows with no key yet: exp(-inf - 0) = 0, not NaN
-                p = torch.exp(s - m_safe)  # (B, H, Ti, Tj)
+                p = s.sub_(m_safe).exp_()  # (B, H, Ti, Tj), in the scores' own buffer
                 alpha = torch.exp(m - m_safe)  # rescales what was summed under the old maximum
                 l.mul_(alpha).add_(p.sum(-1, keepdim=True))
                 acc.mul_(alpha).add_(torch.matmul(p.to(v.dtype), v[:, :, j0 : j0 + t]))
@@ -78,10 +81,10 @@ class FlashCore:
             for i0 in range(j0, T, t):
                 q_i, dy_i = q[:, :, i0 : i0 + t], dy[:, :, i0 : i0 + t]
                 s = self._scores(q_i, k_j, scale, i0, j0, key_padding_mask)
-                p = torch.exp(s - lse[:, :, i0 : i0 + t])  # (B, H, Ti, Tj) the forward's weights, recomputed
+                p = s.sub_(lse[:, :, i0 : i0 + t]).exp_()  # (B, H, Ti, Tj) the forward's weights, recomputed
                 dv[:, :, j0 : j0 + t] += torch.matmul(p.to(dy.dtype).transpose(-2, -1), dy_i)
                 dp = torch.matmul(dy_i, v_j.transpose(-2, -1)).to(wide)  # (B, H, Ti, Tj)
-                ds = (p * (dp - delta[:, :, i0 : i0 + t])).to(q.dtype)  # softmax backward; masked p == 0
+                ds = dp.sub_(delta[:, :, i0 : i0 + t]).mul_(p).to(q.dtype)  # softmax backward; masked p == 0
                 dq[:, :, i0 : i0 + t] += torch.matmul(ds, k_j) * scale
                 dk[:, :, j0 : j0 + t] += torch.matmul(ds.transpose(-2, -1), q_i) * scale
         self.cache = None
