@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rgpt import flash, optim
+from rgpt import optim
 from rgpt.model import GPT, GPTConfig
 from rgpt.optim import Adam, clip_coef, clip_grad_norm_
 from tests.helpers import assert_close
@@ -34,11 +34,6 @@ OPTIONS = {
         "attn": "flash",
     },
 }
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(flash, "TILE", 4)
 
 
 def make_model(**kw):
