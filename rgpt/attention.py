@@ -65,6 +65,10 @@ class CausalSelfAttention(Layer):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj.forward(y)
 
+    def last_attention(self):
+        """The (B, H, T, T) attention probabilities of the last forward, before its backward (rgpt.lens)."""
+        return None if self.cache is None else self.cache[3]
+
     def backward(self, dout):  # dout: (B, T, C)
         q, k, v, att, scale = self.cache
         B, H, T, D = q.shape
