@@ -68,6 +68,17 @@ class Monitor:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def histograms(self, step: int, values: dict) -> None:
+        """Tensors by tag, as TensorBoard histograms (64 bins: cheap on the largest tensors)."""
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_histogram(tag, value, step, bins=64)
+
+    def image(self, tag: str, picture, step: int) -> None:
+        """An RGB picture, (height, width, 3) uint8."""
+        if self.writer:
+            self.writer.add_image(tag, picture, step, dataformats="HWC")
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, text, step)
