@@ -94,6 +94,10 @@ def test_command_line_values_are_coerced_to_the_declared_types():
         ("+train.bogus=1", "train.bogus"),
         ("+bogus=1", "bogus"),
         ("allocator=jemalloc", "allocator"),
+        ("monitor.gradcheck_every=0", "monitor.gradcheck_every"),
+        ("monitor.diagnostics_every=0", "monitor.diagnostics_every"),
+        ("monitor.attention_every=-5", "monitor.attention_every"),
+        ("monitor.diagnostics=sometimes", "monitor.diagnostics"),
         ("stage=pretrain", None),  # control: valid
     ],
 )
