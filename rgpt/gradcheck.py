@@ -86,8 +86,7 @@ def float64_twin(model) -> GPT:
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         twin = GPT(model.config, device=model.device, dtype=torch.float64)
-    for name, p in twin.params.items():
-        p.copy_(model.params[name])
+    twin.store.load(model.params)  # float32 (or float64) master weights, widened
     twin.train()  # dropout on, with masks fixed by re-seeding before each evaluation
     return twin
 

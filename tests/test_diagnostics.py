@@ -35,8 +35,9 @@ def model_and_batch(activation="relu"):
 
 def test_dead_and_inactive_units_are_counted_over_real_positions_only():
     model, idx, targets = model_and_batch("relu")
-    model.params["h.1.mlp.c_fc.bias"][:8] = -1e3  # 8 of 32 units can never switch on,
-    model.params["h.1.mlp.c_fc.bias"][8:] = 1e3  # and the others are never off
+    with model.store.write():
+        model.params["h.1.mlp.c_fc.bias"][:8] = -1e3  # 8 of 32 units can never switch on,
+        model.params["h.1.mlp.c_fc.bias"][8:] = 1e3  # and the others are never off
     model.forward(idx, targets)
     probe = StepProbe()
     probe.activations(model, idx)
@@ -57,7 +58,8 @@ def test_dead_and_inactive_units_are_counted_over_real_positions_only():
 
 def test_gelu_units_in_the_flat_tail_are_inactive():
     model, idx, targets = model_and_batch("gelu")
-    model.params["h.0.mlp.c_fc.bias"][:4] = -50.0
+    with model.store.write():
+        model.params["h.0.mlp.c_fc.bias"][:4] = -50.0
     model.forward(idx, targets)
     probe = StepProbe()
     probe.activations(model, idx)
@@ -69,7 +71,7 @@ def test_gradient_norms_and_adams_first_update_ratio():
     model, idx, targets = model_and_batch()
     model.forward(idx, targets)
     model.backward()
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     steps = {n: (g / (g.abs() + 1e-8)).double() for n, g in model.grads.items()}  # Adam's first m / sqrt(v)
     stds = {n: float(p.double().std()) for n, p in model.params.items()}
     probe = StepProbe()
@@ -78,7 +80,7 @@ def test_gradient_norms_and_adams_first_update_ratio():
     opt.step(lr)
     probe.updates(model)
     s = probe.scalars
-    total, _ = clip_coef(model.flat_grads, 1.0)
+    total, _ = clip_coef(model.store.grad, 1.0)
     blocks = [v for k, v in s.items() if k.startswith("block_grad_norm/")]
     assert sorted(k.split("/")[1] for k in s if k.startswith("block_grad_norm/")) == [
         "h.0",

@@ -24,8 +24,8 @@ def model_and_batch(activation="relu", dtype=torch.float32):
         activation=activation,
     )
     model = GPT(cfg, dtype=dtype)
-    for p in model.params.values():  # away from the initial zeros and ones, which hide bugs
-        p.add_(torch.randn_like(p), alpha=0.05)
+    with model.store.write() as data:  # away from the initial zeros and ones, which hide bugs
+        data.add_(torch.randn_like(data), alpha=0.05)
     idx = torch.randint(1, VOCAB, (3, 10))
     targets = torch.randint(0, VOCAB, (3, 10))
     targets[0, 6:] = -100  # a padded tail: those positions are skipped by the loss
@@ -35,8 +35,8 @@ def model_and_batch(activation="relu", dtype=torch.float32):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_a_correct_backward_agrees_with_finite_differences(activation):
     model, idx, targets = model_and_batch(activation)
-    params = model.flat_params.clone()
-    model.flat_grads.fill_(0.25)  # a training model's gradient buffer: must stay as it is
+    params = model.store.data.clone()
+    model.store.grad.fill_(0.25)  # a training model's gradient buffer: must stay as it is
     rng = torch.get_rng_state()
     report = gradcheck.gradient_check(model, idx, targets)
     assert not report.failed
@@ -47,7 +47,7 @@ def test_a_correct_backward_agrees_with_finite_differences(activation):
     assert all(abs(d.analytic) > 0 for d in report.directions), "every direction has a gradient to check"
     if activation == "relu":
         assert sum(d.kinks for d in report.directions) > 0, "some steps reach across ReLU kinks: held fixed"
-    assert torch.equal(model.flat_params, params) and bool((model.flat_grads == 0.25).all())
+    assert torch.equal(model.store.data, params) and bool((model.store.grad == 0.25).all())
     assert torch.equal(torch.get_rng_state(), rng), "the global random stream must not move"
     assert f"gradient check along {len(model.params) + 1} directions" in report.summary()
 
@@ -92,8 +92,6 @@ def test_a_broken_backward_is_flagged_naming_the_parameter(monkeypatch, cls, bro
 def test_a_float32_bfloat16_model_is_checked_in_float64():
     model, idx, targets = model_and_batch("gelu")
     mixed = GPT(model.config, compute_dtype=torch.bfloat16)
-    for name, p in mixed.params.items():
-        p.copy_(model.params[name])
-    mixed.sync_compute()
+    mixed.store.load(model.params)
     report = gradcheck.gradient_check(mixed, idx, targets)
     assert report.worst.rel_error < 1e-6, report.summary()
