@@ -90,7 +90,7 @@ class StepProbe:
         the weights before the update, for updates()."""
         blocks: dict[str, float] = {}
         for name, g in model.grads.items():
-            sq = float(g.double().square().sum())
+            sq = float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
             self.scalars[f"grad_norm/{name}"] = math.sqrt(sq)
             blocks[block_of(name)] = blocks.get(block_of(name), 0.0) + sq
             self.histograms[f"grads/{name}"] = g.detach().float().cpu()
@@ -102,6 +102,6 @@ class StepProbe:
         for name, p in model.params.items():
             before = self._before.pop(name)
             self.histograms[f"weights/{name}"] = p.detach().float().cpu()
-            data, step = before.double().std(), (p.double() - before.double()).std()
+            data, step = before.float().std(), (p.float() - before.float()).std()  # p - before: exact
             if data > 0 and step > 0:  # a zero-initialised bias has no scale yet; a frozen weight no step
                 self.scalars[f"update_ratio/{name}"] = math.log10(float(step / data))

@@ -99,3 +99,14 @@ def test_gradient_norms_and_adams_first_update_ratio():
     assert set(probe.histograms) == {f"{k}/{n}" for k in ("grads", "weights") for n in model.params}
     assert {k.split("/")[0] for k in s} <= set(GROUPS)
     assert block_of("h.12.mlp.c_fc.bias") == "h.12" and block_of("lm_head.weight") == "lm_head"
+
+
+def test_histograms_count_every_value_in_equal_bins():
+    from rgpt.monitor import histogram
+
+    v = torch.tensor([[-1.0, 0.0, 0.5], [1.0, 1.0, 3.0]])
+    h = histogram(v, bins=4)  # bins of width 1 from -1 to 3
+    assert (h["min"], h["max"], h["num"], h["sum"], h["sum_squares"]) == (-1.0, 3.0, 6, 4.5, 12.25)
+    assert h["bucket_limits"] == [0.0, 1.0, 2.0, 3.0] and h["bucket_counts"] == [1.0, 2.0, 2.0, 1.0]
+    flat = histogram(torch.zeros(5))
+    assert flat["bucket_limits"] == [0.0] and flat["bucket_counts"] == [5.0]
