@@ -4,7 +4,6 @@ lm_head, as if the blocks above it were not there). Used by `python -m rgpt.insp
 attention images; nothing here writes files.
 """
 
-import math
 import unicodedata
 from dataclasses import dataclass
 
@@ -44,15 +43,18 @@ def is_punctuation(token: str) -> bool:
     return bool(token) and all(unicodedata.category(c).startswith("P") for c in token)
 
 
-# a head is named for what gets more than half of its attention, on average over the query positions
-KINDS = (("previous", "前一个词 previous token"), ("bos", "<bos>"), ("punct", "标点 punctuation"))
-KINDS += (("self", "自己 itself"),)
+# what a head is named for: what gets more than half of its attention, on average over the query positions
+# (the first four), or how spread out its attention is
+KINDS = ("previous", "bos", "punct", "self", "focused", "broad", "mixed")
+FOCUSED, BROAD = 0.35, 0.8  # spread (entropy / its maximum) under which a head is focused, over which broad
 
 
 def head_summary(att: torch.Tensor, ids: list[int], tokens: list[str]) -> list[list[dict]]:
     """Per layer, per head: entropy (bits), mean look-back distance (tokens), the mean weight on the previous
     token, on <bos> (when the text starts with it), on punctuation and on the position itself, and the kind
-    of head those make it (`kind`: a key of KINDS, or "broad" / "mixed"). Averages over query positions
+    of head those make it (`kind`: one of the first four KINDS when it gets over half the attention; else "focused"
+    when its spread, entropy over the most possible, is under FOCUSED, "broad" over BROAD, "mixed" between:
+    a focused head picks one or two tokens, but which ones depends on the text). Averages over query positions
     t >= 1 (position 0 can only look at itself), or over t = 0 alone for a one-token text.
 
     att: (L, H, T, T) attention weights of one sequence.
@@ -80,7 +82,15 @@ def head_summary(att: torch.Tensor, ids: list[int], tokens: list[str]) -> list[l
             share = {k: None if v is None else float(v[layer, h]) for k, v in shares.items()}
             top = max((k for k in share if share[k] is not None), key=lambda k: share[k])
             spread = float(entropy[layer, h] / max_entropy) if max_entropy > 0 else 0.0
-            kind = top if share[top] > 0.5 else ("broad" if spread > 0.8 else "mixed")
+            kind = (
+                top
+                if share[top] > 0.5
+                else "focused"
+                if spread < FOCUSED
+                else "broad"
+                if spread > BROAD
+                else "mixed"
+            )
             heads.append(
                 {
                     "entropy": float(entropy[layer, h]),
@@ -119,9 +129,3 @@ def display_token(token: str) -> str:
     if token == " ":
         return "␠"
     return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in token)
-
-
-def entropy_bits(p: torch.Tensor) -> float:
-    """Entropy in bits of one distribution (tests and the page's legend use it)."""
-    p = p.double()
-    return float(-(p[p > 0] * torch.log2(p[p > 0])).sum()) if p.numel() else math.nan

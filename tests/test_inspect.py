@@ -67,18 +67,20 @@ def test_attention_weights_are_layer_0s_softmax_of_the_scaled_products():
     assert model.training is False, "look_inside leaves the model's mode as it found it"
 
 
-def test_head_summary_names_previous_token_bos_punctuation_and_broad_heads():
+def test_head_summary_names_previous_token_bos_punctuation_broad_and_focused_heads():
     tokens = ["<bos>", "山脉", "，", "是", "的"]
     ids = [BOS_ID, 10, 11, 12, 13]
     T = len(tokens)
-    att = torch.zeros(1, 4, T, T)
+    att = torch.zeros(1, 5, T, T)
     att[0, 0, 0, 0] = 1
     att[0, 0, torch.arange(1, T), torch.arange(T - 1)] = 1  # head 0: the previous token
     att[0, 1, :, 0] = 1  # head 1: <bos>
     att[0, 2] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # head 2: uniform
     att[0, 3, 0, 0] = att[0, 3, 1, 1] = 1
     att[0, 3, 2:, 2] = 1  # head 3: the comma, once it can see it
-    ((prev, bos, uniform, punct),) = head_summary(att, ids, tokens)
+    att[0, 4, 0, 0] = 1
+    att[0, 4, 1:, 1] = 1  # head 4: always 山脉, which is none of those
+    ((prev, bos, uniform, punct, focused),) = head_summary(att, ids, tokens)
     assert (
         prev["kind"] == "previous"
         and prev["entropy"] == 0
@@ -90,6 +92,7 @@ def test_head_summary_names_previous_token_bos_punctuation_and_broad_heads():
     assert uniform["kind"] == "broad" and uniform["entropy"] == pytest.approx(want_entropy)
     assert uniform["spread"] == pytest.approx(1.0)
     assert punct["kind"] == "punct" and punct["punct"] == pytest.approx(3 / 4), punct
+    assert focused["kind"] == "focused" and focused["previous"] == focused["self"] == 1 / 4, focused
     assert (
         is_punctuation("？")
         and is_punctuation("，。")
