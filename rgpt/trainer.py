@@ -424,7 +424,8 @@ class Trainer:
             metrics["train/eta_early_stop_sec"] = eta.early_stop
         if self._probe is not None:  # this step's diagnostics
             metrics.update(self._probe.scalars)
-            self.monitor.histograms(self.step, self._probe.histograms)
+            with self.timers("diagnostics"):
+                self.monitor.histograms(self.step, self._probe.histograms)
             self._probe = None
         self.monitor.step(self.step, metrics, t.grad_accum, eta)
         self._eta = eta
