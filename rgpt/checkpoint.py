@@ -202,14 +202,24 @@ def prune(ckpt_dir, kind: str, keep: int, current=None) -> None:
         _remove(p)
 
 
+def model_config(meta: dict, path):
+    """The GPTConfig a checkpoint's state.json records (one it predates takes its defaults)."""
+    from rgpt.model import GPTConfig  # imported here: the model does not depend on checkpoints
+
+    try:
+        return GPTConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / STATE}: bad model_config ({e})") from None
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference."""
-    from rgpt.model import GPT, GPTConfig  # imported here: the model does not depend on checkpoints
+    from rgpt.model import GPT  # imported here: the model does not depend on checkpoints
     from rgpt.tokenizer import Tokenizer
 
     path = Path(path)
     meta = read_state(path)
-    model = GPT(GPTConfig(**meta["model_config"]), device=device, dtype=dtype)
+    model = GPT(model_config(meta, path), device=device, dtype=dtype)
     load_weights(model, path)
     model.eval()
     return model, Tokenizer.load(path / VOCAB), meta

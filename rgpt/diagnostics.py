@@ -12,7 +12,8 @@ Per block (wte, h.0 ... h.N-1, ln_f, lm_head):
     block_grad_norm/<block>   the norm of all its gradients: where the loss's gradient lands
 Per MLP (from the first micro-batch's forward, padding left out):
     act_mean/<block>.mlp, act_std/...  of the activation
-    act_inactive/...   share of activations on the flat side: ReLU's zeros, GELU's tail (input < -3)
+    act_inactive/...   share of activations on the flat side: ReLU's zeros, GELU's tail (input < -3),
+                       SwiGLU's gate tail (gate input < -5)
     act_dead/...       share of units inactive at every position of the micro-batch (a dead ReLU unit
                        gets no gradient, so stays dead)
 Per attention head: attn_entropy/<block>.head_<j>, mean entropy in bits of its rows (0: each position looks
@@ -39,7 +40,9 @@ GROUPS = (
     "attn_entropy",
 )
 HISTOGRAMS = ("weights", "grads")
-GELU_TAIL = -3.0  # GELU'(x) is below 0.012 in magnitude under this: the unit passes almost no gradient
+# below these inputs an activation is flat, and its unit passes almost no gradient: |GELU'(x)| < 0.012
+# under -3, |SiLU'(g)| < 0.03 under -5 (SwiGLU's gate)
+TAIL = {"gelu": -3.0, "swiglu": -5.0}
 
 
 def block_of(name: str) -> str:
@@ -73,13 +76,17 @@ class StepProbe:
 
     def _mlp(self, tag: str, mlp, real) -> None:
         kind, cache = getattr(mlp, "activation", None), mlp.cache
-        if cache is None or kind not in ("relu", "gelu"):
+        if cache is None or kind not in ("relu", "gelu", "swiglu"):
             return  # an activation these statistics do not know yet: nothing rather than something wrong
-        x = cache[real].float()  # (N, F): ReLU's cache is its output, GELU's its input
-        if kind == "relu":
-            a, inactive = x, x <= 0
-        else:
-            a, inactive = x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), x < GELU_TAIL
+        if kind == "relu":  # the cache is ReLU's output
+            a = cache[real].float()  # (N, F)
+            inactive = a <= 0
+        elif kind == "gelu":  # the cache is GELU's input
+            h = cache[real].float()
+            a, inactive = h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))), h < TAIL["gelu"]
+        else:  # swiglu: the gate g, the value u and sigmoid(g)
+            g, u, sg = (t[real].float() for t in cache)
+            a, inactive = g * sg * u, g < TAIL["swiglu"]
         self.scalars[f"act_mean/{tag}"] = float(a.mean())
         self.scalars[f"act_std/{tag}"] = float(a.std()) if a.numel() > 1 else 0.0
         self.scalars[f"act_inactive/{tag}"] = float(inactive.float().mean())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rgpt.attention import StandardCore
 from rgpt.tokenizer import BOS_ID
 
 
@@ -19,15 +20,21 @@ class Inside:
 
 
 def look_inside(model, ids: list[int]) -> Inside:
-    """One forward pass of `ids` (a single sequence) in eval mode (no dropout); the model's mode is kept."""
-    training = model.training
+    """One forward pass of `ids` (a single sequence) in eval mode (no dropout); the model's mode is kept.
+    Attention that runs on the flash core (which never holds the weights) takes the standard one here:
+    the same maths, with the (T, T) weights kept."""
+    training, cores = model.training, [block.attn.core for block in model.h]
     model.eval()
+    for block in model.h:
+        block.attn.core = StandardCore(block.attn.future)
     try:
         idx = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
         streams = model.residual_streams(idx)  # n_layer + 1 tensors (1, T, C)
         att = torch.stack([block.attn.last_attention()[0] for block in model.h])  # (L, H, T, T)
         lens = torch.stack([model.lm_head.forward(model.ln_f.forward(x))[0] for x in streams])  # (L+1, T, V)
     finally:
+        for block, core in zip(model.h, cores):
+            block.attn.core = core
         if training:
             model.train()
     return Inside(att.float().cpu(), lens.float().cpu())

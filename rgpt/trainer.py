@@ -15,7 +15,7 @@ import torch
 
 from rgpt import checkpoint as ckpt
 from rgpt.config import RunConfig
-from rgpt.data import Batcher, DataConfig, prepare
+from rgpt.data import Batcher, prepare
 from rgpt.diagnostics import StepProbe
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
@@ -43,21 +43,8 @@ class Trainer:
         m = self.model
         with m.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
             self.dist.broadcast_(weights)
-        data_cfg = DataConfig(
-            files=list(cfg.data.files),
-            kind=cfg.stage,
-            val_fraction=cfg.data.val_fraction,
-            val_files=list(cfg.data.val_files),
-            assistant_only_loss=cfg.data.assistant_only_loss,
-            pack=cfg.data.pack,
-            replay_files=list(cfg.data.replay_files),
-            replay_fraction=cfg.data.replay_fraction,
-        )
         self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(
-                data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, self.log, cfg.data.workers
-            ),
-            "data cache",
+            lambda: prepare(cfg.data, self.tok, m.config.block_size, self.log), "data cache"
         )
         pin = device.type == "cuda"
         self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)

@@ -4,6 +4,7 @@ and attention entropy against a direct computation."""
 
 import math
 
+import pytest
 import torch
 
 from rgpt.diagnostics import GROUPS, StepProbe, block_of
@@ -110,3 +111,17 @@ def test_histograms_count_every_value_in_equal_bins():
     assert h["bucket_limits"] == [0.0, 1.0, 2.0, 3.0] and h["bucket_counts"] == [1.0, 2.0, 2.0, 1.0]
     flat = histogram(torch.zeros(5))
     assert flat["bucket_limits"] == [0.0] and flat["bucket_counts"] == [5.0]
+
+
+def test_swiglu_units_whose_gate_is_in_the_flat_tail_are_inactive():
+    from rgpt.layers import swiglu_hidden
+
+    model, idx, targets = model_and_batch("swiglu")
+    width = swiglu_hidden(model.config.n_hidden)
+    with model.store.write():
+        model.params["h.0.mlp.c_fc.bias"][:3] = -50.0  # c_fc yields [gate | value]: three gates shut
+    model.forward(idx, targets)
+    probe = StepProbe()
+    probe.activations(model, idx)
+    assert probe.scalars["act_dead/h.0.mlp"] == pytest.approx(3 / width)
+    assert 3 / width <= probe.scalars["act_inactive/h.0.mlp"] < 0.5

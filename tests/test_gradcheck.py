@@ -95,3 +95,26 @@ def test_a_float32_bfloat16_model_is_checked_in_float64():
     mixed.store.load(model.params)
     report = gradcheck.gradient_check(mixed, idx, targets)
     assert report.worst.rel_error < 1e-6, report.summary()
+
+
+def test_every_architecture_option_agrees_with_finite_differences():
+    torch.manual_seed(4)
+    cfg = GPTConfig(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_head=2,
+        n_layer=2,
+        n_hidden=24,
+        block_size=12,
+        dropout=0.1,
+        activation="swiglu",
+        norm="rmsnorm",
+        pos="rope",
+        tie_embeddings=True,
+        attn="flash",
+    )
+    model = GPT(cfg)
+    idx, targets = torch.randint(1, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
+    report = gradcheck.gradient_check(model, idx, targets)
+    assert report.worst.rel_error < 1e-6 and not report.failed, report.summary()
+    assert "lm_head.weight" not in [d.name for d in report.directions], "tied: checked as wte.weight"

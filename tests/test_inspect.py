@@ -200,3 +200,27 @@ def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, override, needle):
     proc = run_cli("inspect", f"checkpoint={ckpt}", override, "threads=1", cwd=tmp_path)
     assert proc.returncode == 1 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_lens_and_attention_with_every_architecture_option():
+    """RoPE, RMSNorm, SwiGLU, tied embeddings and the flash core: the lens still ends at the logits, and a
+    flash model is read through the standard core (same maths, weights kept), then left as it was."""
+    from rgpt.flash import FlashCore
+    from rgpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=40, n_embd=16, n_head=2, n_layer=2, n_hidden=24, block_size=16, dropout=0.1)
+    kw |= dict(activation="swiglu", norm="rmsnorm", pos="rope", tie_embeddings=True)
+    flash, standard = GPT(GPTConfig(**kw, attn="flash")), GPT(GPTConfig(**kw))
+    standard.store.load(flash.params)
+    ids = [BOS_ID, 7, 8, 9, 10, 11, 12]
+    idx = torch.tensor([ids])
+    inside, plain = look_inside(flash, ids), look_inside(standard, ids)
+    assert all(isinstance(block.attn.core, FlashCore) for block in flash.h), "the flash core is put back"
+    assert flash.training, "and the model's mode"
+    standard.eval()
+    flash.eval()
+    assert torch.equal(plain.lens[-1], standard.forward(idx)[0])
+    assert torch.equal(inside.attention, plain.attention) and torch.equal(inside.lens, plain.lens)
+    assert_close(inside.lens[-1], flash.forward(idx)[0], "flash logits", rtol=1e-5, atol=1e-6)
+    assert_close(inside.attention.sum(-1), torch.ones(2, 2, len(ids)), "rows sum to 1", rtol=1e-5, atol=1e-6)

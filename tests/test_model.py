@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rgpt import optim
+from rgpt import flash, optim
 from rgpt.model import GPT, GPTConfig
 from rgpt.optim import Adam, clip_coef, clip_grad_norm_
 from tests.helpers import assert_close
@@ -15,6 +15,30 @@ DT = torch.float64
 def tiny_config(**kw):
     base = dict(vocab_size=23, n_embd=16, n_head=4, n_layer=2, n_hidden=24, block_size=12, dropout=0.0)
     return GPTConfig(**{**base, **kw})
+
+
+# every architecture option alone, and all at once (flash with 4-row tiles, so T=10 spans three)
+OPTIONS = {
+    "default": {},
+    "gelu": {"activation": "gelu"},
+    "swiglu": {"activation": "swiglu"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "rope": {"pos": "rope"},
+    "tied": {"tie_embeddings": True},
+    "flash": {"attn": "flash"},
+    "all": {
+        "activation": "swiglu",
+        "norm": "rmsnorm",
+        "pos": "rope",
+        "tie_embeddings": True,
+        "attn": "flash",
+    },
+}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(flash, "TILE", 4)
 
 
 def make_model(**kw):
@@ -39,9 +63,9 @@ def reference_grads(ref, idx, targets, dropout_masks=None):
     return loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_every_parameter_gradient_matches_autograd(activation):
-    model = make_model(activation=activation)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_parameter_gradient_matches_autograd(option, small_tiles):
+    model = make_model(**OPTIONS[option])
     model.eval()
     ref = reference_from(model)
     idx, targets = batch()
@@ -56,8 +80,9 @@ def test_every_parameter_gradient_matches_autograd(activation):
         assert_close(g, rgrads[name], f"grad {name}")
 
 
-def test_gradients_with_dropout_masks():
-    model = make_model(dropout=0.2)
+@pytest.mark.parametrize("option", ["default", "all"])
+def test_gradients_with_dropout_masks(option, small_tiles):
+    model = make_model(dropout=0.2, **OPTIONS[option])
     model.train()
     ref = reference_from(model)
     idx, targets = batch()
