@@ -131,6 +131,12 @@ class CausalSelfAttention(Layer):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj.forward(y)
 
+    def last_attention(self):
+        """The (B, H, T, T) attention weights of the last forward, until its backward (rgpt.lens and
+        rgpt.diagnostics read them); None after the flash core, which never holds them."""
+        cache = getattr(self.core, "cache", None)
+        return cache[3] if isinstance(self.core, StandardCore) and cache is not None else None
+
     def backward(self, dout):  # dout: (B, T, C)
         B, T, C = dout.shape
         H = self.n_head

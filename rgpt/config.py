@@ -168,6 +168,21 @@ class MonitorSettings:
     progress: bool = True
     sample_prompt: str = "山脉是如何形成的？"
     sample_tokens: int = 40
+    attention_every: "int | None" = 100  # steps between attention heatmaps of sample_prompt (TensorBoard)
+    diagnostics: bool = False  # gradient, update, activation and attention statistics (rgpt.diagnostics)
+    diagnostics_every: int = 100
+    gradcheck_every: "int | None" = None  # steps between live float64 gradient checks (rgpt.gradcheck)
+
+    def validate(self):
+        for key in ("attention_every", "gradcheck_every"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"monitor.{key}", v, "must be >= 1 or null")
+        _check(
+            self.diagnostics_every >= 1,
+            "monitor.diagnostics_every",
+            self.diagnostics_every,
+            "must be at least 1",
+        )
 
 
 @dataclass
@@ -228,7 +243,7 @@ class RunConfig:
             cfg.data.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for part in (cfg.train, cfg.tokenizer, cfg.checkpoint):
+        for part in (cfg.train, cfg.tokenizer, cfg.checkpoint, cfg.monitor):
             part.validate()
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),

@@ -228,6 +228,16 @@ class GPT:
                 )  # (N, C)
         return self.criterion.forward(self.lm_head.forward(x), targets)
 
+    def residual_streams(self, idx):
+        """Inference: the residual stream (B, T, C) after the embedding and after each block, n_layer + 1 of
+        them, exactly as forward() computes it (its last one through ln_f and lm_head gives the logits)."""
+        x = self._embed(idx, 0)  # (B, T, C)
+        streams = [x]
+        for block in self.h:
+            x = block.forward(x)
+            streams.append(x)
+        return streams
+
     def backward(self, scale=1.0):
         """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets)."""
         dx = self.lm_head.backward(self.criterion.backward(scale))  # (B, T, C), or (N, C) for the kept rows

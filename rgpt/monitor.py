@@ -44,6 +44,26 @@ BAR = {
 }
 
 
+def histogram(values: torch.Tensor, bins: int = 64) -> dict:
+    """The fields of a TensorBoard histogram of `values`: range, count, sums, bucket limits and counts."""
+    v = values.detach().reshape(-1).float()
+    lo, hi = (float(x) for x in torch.aminmax(v))
+    if hi > lo:
+        counts = torch.histc(v, bins=bins, min=lo, max=hi).tolist()
+        limits = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist()
+    else:  # every value the same (a bias still at zero): one bucket
+        counts, limits = [float(v.numel())], [hi]
+    return {
+        "min": lo,
+        "max": hi,
+        "num": v.numel(),
+        "sum": float(v.sum(dtype=torch.float64)),
+        "sum_squares": float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2,
+        "bucket_limits": limits,
+        "bucket_counts": counts,
+    }
+
+
 def ppl(loss: float) -> float:
     """Perplexity of a mean loss in nats, capped so that a diverged run logs a number, not an overflow."""
     return math.exp(min(loss, 50))
@@ -67,6 +87,18 @@ class Monitor:
         if self.writer:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, values: dict) -> None:
+        """Tensors by tag, as TensorBoard histograms of 64 equal bins, counted by torch: add_histogram's
+        numpy path took 1.1 s for model=small's 14 M values and gradients, this one a tenth of that."""
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_histogram_raw(tag, **histogram(value), global_step=step)
+
+    def image(self, tag: str, picture, step: int) -> None:
+        """An RGB picture, (height, width, 3) uint8."""
+        if self.writer:
+            self.writer.add_image(tag, picture, step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:

@@ -16,6 +16,7 @@ import torch
 from rgpt import checkpoint as ckpt
 from rgpt.config import RunConfig
 from rgpt.data import Batcher, prepare
+from rgpt.diagnostics import StepProbe
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
 from rgpt.monitor import Monitor, Timers, estimate_eta, format_seconds, peak_memory_mb, ppl
@@ -77,6 +78,8 @@ class Trainer:
         self._signal = self._pending = None
         self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
         self._eta = None  # the last step's ETA (monitor.Eta)
+        self._probe = None  # this step's diagnostics (monitor.diagnostics), when it has them
+        self._fonts = None  # the attention images' fonts, loaded at the first image
 
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
@@ -132,6 +135,13 @@ class Trainer:
         Returns (loss, grad norm, tokens): the token-weighted mean loss of the whole group across ranks.
         """
         m, timers, d = self.model, self.timers, self.dist
+        mon = self.cfg.monitor
+        if d.is_main and self._due(mon.gradcheck_every):
+            with timers("gradcheck"):
+                self._gradcheck(group[0])
+        probe = self._probe = (
+            StepProbe() if d.is_main and mon.diagnostics and self._due(mon.diagnostics_every) else None
+        )
         n_total = sum(b.n_tokens for b in group)
         # (loss sum, stop requested, time up) travel in one all-reduce, so every rank leaves the loop
         # after the same step; a rank that stopped alone would leave the others waiting in the next one
@@ -145,6 +155,9 @@ class Trainer:
                 b = b.to(self.device)
             with timers("forward"):
                 loss = m.forward(b.idx, b.targets)
+            if probe is not None and j == d.rank:  # activations of this rank's first micro-batch
+                with timers("diagnostics"):
+                    probe.activations(m, b.idx)
             with timers("backward"):
                 # token-weighted: the gradient of the group's mean loss, not a mean of means
                 m.backward(scale=b.n_tokens / n_total)
@@ -153,6 +166,9 @@ class Trainer:
         stats[2] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
             d.all_reduce_sum(m.store.grad, stats)  # the gradient: the single-process one of the whole group
+            if probe is not None:
+                with timers("diagnostics"):
+                    probe.gradients(m)
             norm, clip = clip_coef(m.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
             loss_sum, stop, time_up, norm_value = torch.cat([stats, norm.double().view(1)]).tolist()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
@@ -163,7 +179,48 @@ class Trainer:
             if math.isfinite(loss_value) and math.isfinite(norm_value):
                 self.opt.step(self.lr(), grad_scale=clip)  # also refreshes the bf16 working copy
             self.step += 1
+        if probe is not None:
+            with timers("diagnostics"):
+                probe.updates(m)
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
+
+    def _due(self, every: int | None) -> bool:
+        """Whether the step about to be taken is one of every `every` (None: never)."""
+        return every is not None and (self.step + 1) % every == 0
+
+    def _gradcheck(self, batch) -> None:
+        """monitor.gradcheck_every: the hand-written gradient of this micro-batch against float64 finite
+        differences (rgpt.gradcheck), logged; a failure is a loud warning naming the parameter."""
+        from rgpt.gradcheck import gradient_check
+
+        b = batch.to(self.device)
+        report = gradient_check(self.model, b.idx, b.targets, seed=self.step)
+        self.log(f"step {self.step + 1}: {report.summary()}")
+        if report.failed:
+            self.log(report.warning())
+        self.monitor.scalars(
+            self.step + 1,
+            {"gradcheck/worst_rel_error": report.worst.rel_error, "gradcheck/seconds": report.seconds},
+        )
+
+    def _sample_ids(self) -> list[int]:
+        """The sample prompt as the model sees it: chat's template in sft, plain text in pretraining."""
+        prompt = self.cfg.monitor.sample_prompt
+        if self.cfg.stage == "sft":
+            return self.tok.encode_prompt([("user", prompt)])
+        return self.tok.encode_pretrain(prompt)[:-1]  # without the closing <eos>
+
+    def _attention_images(self) -> None:
+        """monitor.attention_every: each layer's heads over the sample prompt, one TensorBoard image a layer."""
+        from rgpt.lens import attention_maps
+        from rgpt.plot import layer_images, load_fonts
+
+        if self._fonts is None:
+            self._fonts = load_fonts(log=self.log)
+        ids = self._sample_ids()[: self.model.config.block_size]
+        tokens = [self.tok.tokens[i] for i in ids]
+        for layer, picture in enumerate(layer_images(attention_maps(self.model, ids), tokens, self._fonts)):
+            self.monitor.image(f"attention/layer_{layer}", picture, self.step)
 
     def _dropout_seed(self, index: int) -> int:
         """Seed of the dropout masks of micro-batch `index` of this epoch: the same for any world size."""
@@ -189,10 +246,7 @@ class Trainer:
     def sample(self) -> str:
         """Greedy continuation of the configured prompt: a glimpse of what the model has learned."""
         mon, m = self.cfg.monitor, self.model
-        if self.cfg.stage == "sft":
-            ids = self.tok.encode_prompt([("user", mon.sample_prompt)])
-        else:
-            ids = self.tok.encode_pretrain(mon.sample_prompt)[:-1]  # without the closing <eos>
+        ids = self._sample_ids()
         m.eval()
         out = generate(m, ids, DecodeConfig(max_new_tokens=mon.sample_tokens))
         m.train()
@@ -355,8 +409,17 @@ class Trainer:
         }
         if eta.early_stop is not None:
             metrics["train/eta_early_stop_sec"] = eta.early_stop
+        if self._probe is not None:  # this step's diagnostics
+            metrics.update(self._probe.scalars)
+            with self.timers("diagnostics"):
+                self.monitor.histograms(self.step, self._probe.histograms)
+            self._probe = None
         self.monitor.step(self.step, metrics, t.grad_accum, eta)
         self._eta = eta
+        every = self.cfg.monitor.attention_every
+        if every is not None and self.step % every == 0 and self.dist.is_main:
+            with self.timers("attention images"):
+                self._attention_images()
 
     def _evaluate(self, train_loss: float) -> tuple[float, bool]:
         """Validate, track the best model and early stopping, log to TensorBoard: at every epoch's end, or

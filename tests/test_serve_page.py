@@ -5,29 +5,16 @@ sent with the next question, the settings applied, clear, and a screenshot that 
 Chromium comes from the system (Debian: chromium, chromium-driver, fonts-noto-cjk), which .ci/run installs
 when missing; elsewhere the test is skipped with a note unless RGPT_REQUIRE_BROWSER=1 (set by .ci/run)."""
 
-import base64
-import os
-import shutil
-
 import pytest
 
 from tests import fixtures_ckpt
+from tests.fixtures_browser import chrome, ink  # skips this module where there is no browser
 from tests.fixtures_ckpt import ANSWERS
 from tests.fixtures_serve import Server
 
 tiny_run = fixtures_ckpt.tiny_run
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
 
-if not (CHROMIUM and DRIVER):
-    why = "needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver fonts-noto-cjk)"
-    if os.environ.get("RGPT_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(why)
-    pytest.skip(why, allow_module_level=True)
-
-from selenium import webdriver  # noqa: E402  (only once the browser is known to be there)
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -43,22 +30,6 @@ new MutationObserver((ms) => { for (const m of ms) if (m.target.closest && m.tar
   .observe(document.getElementById('log'), {childList: true, characterData: true, subtree: true});
 """
 
-# The screenshot drawn on a canvas: distinct colours among a grid of pixels, and the share not white.
-INK = """
-const done = arguments[arguments.length - 1];
-const img = new Image();
-img.onload = () => {
-  const c = document.createElement('canvas'); c.width = img.width; c.height = img.height;
-  const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-  const px = g.getImageData(0, 0, c.width, c.height).data, colours = new Set();
-  let ink = 0, n = 0;
-  for (let i = 0; i < px.length; i += 4 * 7) { n++; colours.add(px[i] << 16 | px[i + 1] << 8 | px[i + 2]);
-                                               if (px[i] + px[i + 1] + px[i + 2] < 600) ink++; }
-  done([colours.size, ink / n, c.width, c.height]);
-};
-img.src = 'data:image/png;base64,' + arguments[0];
-"""
-
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
@@ -71,14 +42,7 @@ def server(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)  # --no-sandbox: CI containers run as root, where the sandbox cannot start
-    options.add_argument("--window-size=1000,720")
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    driver.set_script_timeout(30)
+    driver = chrome()
     yield driver
     driver.quit()
 
@@ -111,9 +75,11 @@ def test_the_page_streams_replies_keeps_history_and_clears(server, browser, tmp_
 
     png = browser.get_screenshot_as_png()
     (tmp_path / "page.png").write_bytes(png)  # kept by pytest for a look when this fails
-    colours, ink, width, height = browser.execute_async_script(INK, base64.b64encode(png).decode())
+    colours, share, width, height = ink(browser, png)
     assert width >= 800 and height >= 400, (width, height)
-    assert colours > 20 and 0.01 < ink < 0.9, f"the screenshot looks blank: {colours} colours, {ink:.1%} ink"
+    assert colours > 20 and 0.01 < share < 0.9, (
+        f"the screenshot looks blank: {colours} colours, {share:.1%} ink"
+    )
 
     browser.find_element(By.ID, "clear").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [], "clear empties the conversation"

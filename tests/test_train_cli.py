@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from rgpt import checkpoint as ckpt
+from rgpt.diagnostics import GROUPS
 from tests.helpers import write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,6 +215,39 @@ def test_pretrain_writes_the_run_directory_and_every_tensorboard_tag(pretrain):
 
     assert "done: reached max_epochs=2." in proc.stdout
     assert "Traceback" not in proc.stderr
+    diag = [t for t in scalars if t.split("/")[0] in (*GROUPS, "gradcheck")]
+    assert not diag and not acc.Tags()["histograms"], f"diagnostics are off by default, yet {diag[:3]}"
+    assert not acc.Tags()["images"], "attention images every 100 steps: none in 20"
+
+
+def test_diagnostics_gradient_check_and_attention_images_reach_tensorboard(corpus, pretrain, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(
+        corpus,
+        out,
+        "train.max_steps=4",
+        "monitor.diagnostics=true",
+        "monitor.diagnostics_every=2",
+        "monitor.gradcheck_every=3",
+        "monitor.attention_every=2",
+    )
+    acc = tensorboard(run_dir(out))
+    scalars = acc.Tags()["scalars"]
+    for group in GROUPS:
+        tags = [t for t in scalars if t.startswith(group + "/")]
+        assert tags, f"no {group}/* scalars in {scalars}"
+        assert [e.step for e in acc.Scalars(tags[0])] == [2, 4], tags[0]
+    names = list(weights(ckpts(out, "last")[0]))
+    assert sorted(acc.Tags()["histograms"]) == sorted(f"{k}/{n}" for k in ("grads", "weights") for n in names)
+    assert "update_ratio/h.0.attn.c_attn.weight" in scalars and "attn_entropy/h.1.head_3" in scalars
+    assert sorted(acc.Tags()["images"]) == ["attention/layer_0", "attention/layer_1"]
+    assert [e.step for e in acc.Images("attention/layer_0")] == [2, 4]
+    (check,) = acc.Scalars("gradcheck/worst_rel_error")
+    assert check.step == 3 and check.value < 1e-6, check
+    assert "step 3: gradient check along" in proc.stdout and "GRADIENT CHECK FAILED" not in proc.stdout
+    assert "diagnostics" in proc.stdout.split("time: ")[1], "the time report counts the diagnostics' cost"
+    # none of it changes the run: the same loss curve as the default run's first 4 steps
+    assert scalar_curve(run_dir(out)) == scalar_curve(run_dir(pretrain[0]))[:4]
 
 
 def test_same_seed_and_settings_give_the_same_loss_curve(corpus, pretrain, tmp_path):
