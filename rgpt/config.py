@@ -10,7 +10,8 @@ from pathlib import Path
 
 from rgpt.cli import ALLOCATORS, ConfigError
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo")
+CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (tokenizer.files)
 
 
 def _pick(cls, d: dict, prefix: str):
@@ -186,7 +187,10 @@ class TokenizerSettings:
 
     def validate(self):
         _check(
-            set(self.files) <= set(STAGES), "tokenizer.files", sorted(self.files), "keys must be pretrain/sft"
+            set(self.files) <= set(CORPUS_KINDS),
+            "tokenizer.files",
+            sorted(self.files),
+            "keys must be pretrain/sft",
         )
         _check(self.min_freq >= 1, "tokenizer.min_freq", self.min_freq, "must be at least 1")
         _check(self.max_size >= 16, "tokenizer.max_size", self.max_size, "must be at least 16")
@@ -212,6 +216,14 @@ class CheckpointSettings:
 
 
 @dataclass
+class DPOSettings:
+    beta: float = 0.1
+
+    def validate(self):
+        _check(0 < self.beta < math.inf, "dpo.beta", self.beta, "must be positive and finite")
+
+
+@dataclass
 class MonitorSettings:
     progress: bool = True
     sample_prompt: str = "山脉是如何形成的？"
@@ -227,6 +239,7 @@ class RunConfig:
     tokenizer: TokenizerSettings
     checkpoint: CheckpointSettings
     monitor: MonitorSettings
+    dpo: DPOSettings = field(default_factory=DPOSettings)
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 1337
@@ -256,6 +269,7 @@ class RunConfig:
             "tokenizer": TokenizerSettings,
             "checkpoint": CheckpointSettings,
             "monitor": MonitorSettings,
+            "dpo": DPOSettings,
         }
         parts = {}
         for key, sub in groups.items():
@@ -269,16 +283,16 @@ class RunConfig:
             if hasattr(part, "validate"):
                 part.validate()
         _check(
-            not (cfg.data.pack and cfg.stage == "sft"),
+            not (cfg.data.pack and cfg.stage != "pretrain"),
             "data.pack",
             cfg.data.pack,
-            "applies to pretraining only; sft keeps one dialogue per window",
+            f"applies to pretraining only; {cfg.stage} keeps one dialogue per window",
         )
         _check(
-            not (cfg.data.replay_fraction > 0 and cfg.stage == "pretrain"),
+            not (cfg.data.replay_fraction > 0 and cfg.stage != "sft"),
             "data.replay_fraction",
             cfg.data.replay_fraction,
-            "applies to sft only: pretraining reads its text in data.files",
+            "applies to sft only",
         )
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),

@@ -39,30 +39,11 @@ class Trainer:
             lambda: resolve_start(cfg, device, torch.float32, log=self.log), "vocabulary"
         )
         self.model, self.tok, self.source = start.model, start.tokenizer, start.source
+        self.resumed = start.state  # state.json of the checkpoint resumed exactly, else None
         m = self.model
         self.dist.broadcast_(m.flat_params)  # every rank starts from rank 0's weights, bit for bit
         m.sync_compute()
-        data_cfg = DataConfig(
-            files=list(cfg.data.files),
-            kind=cfg.stage,
-            val_fraction=cfg.data.val_fraction,
-            val_files=list(cfg.data.val_files),
-            assistant_only_loss=cfg.data.assistant_only_loss,
-            pack=cfg.data.pack,
-            replay_files=list(cfg.data.replay_files),
-            replay_fraction=cfg.data.replay_fraction,
-        )
-        self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(
-                data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, self.log, cfg.data.workers
-            ),
-            "data cache",
-        )
-        pin = device.type == "cuda"
-        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
-        self.val_batches = Batcher(
-            self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
-        )
+        self._load_data()
         t = cfg.train
         frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
         # a frozen weight must not decay either
@@ -94,6 +75,30 @@ class Trainer:
         self._signal = self._pending = None
         self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
         self._eta = None  # the last step's ETA (monitor.Eta)
+
+    def _load_data(self) -> None:
+        """The stage's train and validation sets and their batchers (the token sets, cached on disk)."""
+        cfg, m, pin = self.cfg, self.model, self.device.type == "cuda"
+        data_cfg = DataConfig(
+            files=list(cfg.data.files),
+            kind=cfg.stage,
+            val_fraction=cfg.data.val_fraction,
+            val_files=list(cfg.data.val_files),
+            assistant_only_loss=cfg.data.assistant_only_loss,
+            pack=cfg.data.pack,
+            replay_files=list(cfg.data.replay_files),
+            replay_fraction=cfg.data.replay_fraction,
+        )
+        self.train_set, self.val_set = self.dist.first_then_rest(
+            lambda: prepare(
+                data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, self.log, cfg.data.workers
+            ),
+            "data cache",
+        )
+        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
+        self.val_batches = Batcher(
+            self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
+        )
 
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
@@ -150,10 +155,10 @@ class Trainer:
         Returns (loss, grad norm, tokens): the token-weighted mean loss of the whole group across ranks.
         """
         m, timers, d = self.model, self.timers, self.dist
-        n_total = sum(b.n_tokens for b in group)
-        # (loss sum, stop requested, time up) travel in one all-reduce, so every rank leaves the loop
-        # after the same step; a rank that stopped alone would leave the others waiting in the next one
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        n_total = self._weight(group)
+        # (stop requested, time up, loss sum, the stage's other sums) travel in one all-reduce, so every rank
+        # leaves the loop after the same step; a rank that stopped alone would leave the others waiting
+        stats = torch.zeros(2 + self.n_sums, dtype=torch.float64, device=self.device)
         m.zero_grad()
         for j in range(d.rank, len(group), d.world):  # micro-batches rank, rank + world, ... of the group
             b = group[j]
@@ -161,18 +166,14 @@ class Trainer:
             m.generator.manual_seed(self._dropout_seed(self.pos + j))
             with timers("data"):
                 b = b.to(self.device)
-            with timers("forward"):
-                loss = m.forward(b.idx, b.targets)
-            with timers("backward"):
-                # token-weighted: the gradient of the group's mean loss, not a mean of means
-                m.backward(scale=b.n_tokens / n_total)
-            stats[0] += loss.double() * b.n_tokens
-        stats[1] = self._pending is not None
-        stats[2] = d.is_main and time.perf_counter() >= self._deadline
+            stats[2:] += self._forward_backward(b, n_total)
+        stats[0] = self._pending is not None
+        stats[1] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
             d.all_reduce_sum(m.flat_grads, stats)  # the gradient: the single-process one of the whole group
             norm, clip = clip_coef(m.flat_grads, self.cfg.train.clip_norm)  # applied inside Adam's pass
-            loss_sum, stop, time_up, norm_value = torch.cat([stats, norm.double().view(1)]).tolist()
+            stop, time_up, loss_sum, *self._sums = torch.cat([stats, norm.double().view(1)]).tolist()
+            norm_value = self._sums.pop()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
             if stop:
                 self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
@@ -182,6 +183,22 @@ class Trainer:
                 self.opt.step(self.lr(), grad_scale=clip)  # also refreshes the bf16 working copy
             self.step += 1
         return loss_value, norm_value, sum(int((b.idx != PAD_ID).sum()) for b in group)
+
+    n_sums = 1  # what _forward_backward returns: the loss sum
+
+    def _forward_backward(self, b, n_total: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns (n_sums,) float64 sums, the weighted loss first."""
+        m = self.model
+        with self.timers("forward"):
+            loss = m.forward(b.idx, b.targets)
+        with self.timers("backward"):
+            # token-weighted: the gradient of the group's mean loss, not a mean of means
+            m.backward(scale=b.n_tokens / n_total)
+        return (loss.double() * b.n_tokens).view(1)
+
+    def _weight(self, group) -> int:
+        """A group's weight in means over steps: its target tokens."""
+        return sum(b.n_tokens for b in group)
 
     def _dropout_seed(self, index: int) -> int:
         """Seed of the dropout masks of micro-batch `index` of this epoch: the same for any world size."""
@@ -207,7 +224,7 @@ class Trainer:
     def sample(self) -> str:
         """Greedy continuation of the configured prompt: a glimpse of what the model has learned."""
         mon, m = self.cfg.monitor, self.model
-        if self.cfg.stage == "sft":
+        if self.cfg.stage != "pretrain":
             ids = self.tok.encode_prompt([("user", mon.sample_prompt)])
         else:
             ids = self.tok.encode_pretrain(mon.sample_prompt)[:-1]  # without the closing <eos>
@@ -330,7 +347,7 @@ class Trainer:
                     )
             else:
                 session["bad_in_a_row"] = 0
-                n_targets = sum(g.n_tokens for g in group)
+                n_targets = self._weight(group)
                 self.ep_loss += loss * n_targets
                 self.ep_tokens += n_targets
             session["tokens"] += ntok
@@ -363,8 +380,7 @@ class Trainer:
             bad_epochs=self.bad_epochs,
         )
         metrics = {
-            "train/loss": loss,
-            "train/ppl": ppl(loss),
+            **self._step_metrics(loss),
             "train/lr": self.lr(),
             "train/grad_norm": norm,
             "train/tokens_per_sec": rate,
@@ -375,6 +391,14 @@ class Trainer:
             metrics["train/eta_early_stop_sec"] = eta.early_stop
         self.monitor.step(self.step, metrics, t.grad_accum, eta)
         self._eta = eta
+
+    def _step_metrics(self, loss: float) -> dict:
+        """The stage's own metrics of the last step (beside learning rate, gradient norm and speed)."""
+        return {"train/loss": loss, "train/ppl": ppl(loss)}
+
+    def _val_metrics(self, val_loss: float) -> dict:
+        """The stage's own metrics of the last validation."""
+        return {"val/loss": val_loss, "val/ppl": ppl(val_loss)}
 
     def _evaluate(self, train_loss: float) -> tuple[float, bool]:
         """Validate, track the best model and early stopping, log to TensorBoard: at every epoch's end, or
@@ -397,7 +421,7 @@ class Trainer:
                 "lr": self.lr(),
             }
         )
-        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl(val_loss)})
+        self.monitor.scalars(self.step, self._val_metrics(val_loss))
         self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
         if self.dist.is_main:
             self.monitor.text("sample", self.sample(), self.step)
