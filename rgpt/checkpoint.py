@@ -80,8 +80,7 @@ def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimize
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # safetensors wants contiguous tensors that own their storage: copy the flat-buffer views out
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in model.params.items()}, tmp / MODEL)
+    save_file(model.store.state_dict(), tmp / MODEL)
     if optimizer is not None:
         save_file({k: v.contiguous().clone().cpu() for k, v in optimizer.state_dict().items()}, tmp / OPTIM)
     tokenizer.save(tmp / VOCAB)
@@ -147,16 +146,10 @@ def load_tensors(path, name=MODEL, device="cpu") -> dict[str, torch.Tensor]:
 def load_weights(model, path) -> None:
     """Copy checkpoint weights into `model` by name; names and shapes must match exactly."""
     tensors = load_tensors(path, device=model.device)
-    if set(tensors) != set(model.params):
-        diff = sorted(set(tensors) ^ set(model.params))[:3]
-        raise CheckpointError(f"{Path(path) / MODEL} does not match the model's parameters (e.g. {diff})")
-    for name, p in model.params.items():
-        if tensors[name].shape != p.shape:
-            raise CheckpointError(
-                f"{Path(path) / MODEL}: {name} has shape {tuple(tensors[name].shape)}, model has {tuple(p.shape)}"
-            )
-        p.copy_(tensors[name])
-    model.sync_compute()
+    try:
+        model.store.load(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path) / MODEL} does not match the model: {e}") from None
 
 
 def list_checkpoints(ckpt_dir, kind: str) -> list[Path]:

@@ -9,8 +9,8 @@ Conventions (after llm.c):
   so a second backward without a forward fails loudly.
 - ``backward(dout)`` returns the gradient w.r.t. the input and ADDS into ``self.grads`` (never assigns),
   so gradients of several micro-batches accumulate until the caller zeroes them.
-- ``self.params`` / ``self.grads`` are dicts with the same keys; the model may rebind their values to
-  views of one flat buffer, so layers always look parameters up through the dicts.
+- ``self.params`` / ``self.grads`` are dicts with the same keys; the model rebinds their values to views
+  of its parameter store (rgpt/params.py), so layers always look parameters up through the dicts.
 - Mixed precision: a Linear's params may be a bfloat16 working copy while its grads stay float32 (the
   master copy). Linear casts its input to its weight's dtype, so the residual stream, LayerNorm,
   softmax and the loss stay float32 while the matrix products run in bfloat16.
@@ -24,6 +24,8 @@ import torch
 
 class Layer:
     """Base class: named parameters and their gradient accumulators."""
+
+    low_precision = False  # computes from the store's low-precision working copy under mixed precision
 
     def __init__(self):
         self.params: dict[str, torch.Tensor] = {}
@@ -74,6 +76,8 @@ def _few_rows(x2, w, b):
 
 class Linear(Layer):
     """y = x @ W.T + b, with W of shape (out, in) as in torch.nn.Linear (so nanoGPT weights load by name)."""
+
+    low_precision = True  # its products run in the compute dtype (bfloat16 under mixed precision)
 
     def __init__(self, n_in, n_out, *, std, device, dtype, bias=True):
         super().__init__()

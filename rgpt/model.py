@@ -1,13 +1,8 @@
 """The GPT: token embedding + sinusoidal positions, Pre-LN blocks, final LayerNorm, output projection.
 
-All parameters live in one flat buffer (and all gradients in another); each layer's ``params`` / ``grads``
-entries are views into them. The optimizer, gradient clipping and the distributed all-reduce then work on
-one tensor instead of dozens. Names follow nanoGPT (``wte.weight``, ``h.0.attn.c_attn.weight``, ...).
-
-Mixed precision (compute_dtype=torch.bfloat16 with dtype=torch.float32): the flat buffers stay float32
-(master weights, gradients, Adam state), and the Linear layers -- laid out first in the flat buffer --
-compute from a bfloat16 copy of their weights (`flat_compute`). Adam rewrites it as it updates the master
-weights (its `shadow`); `sync_compute()` refreshes it after anything else changes them (a load, a rollback).
+Every parameter lives in the model's parameter store (`self.store`, rgpt/params.py): flat master weights
+and gradients, and under mixed precision the Linear layers' bfloat16 working copy. Write weights through
+the store, never through `self.params`. Names follow nanoGPT (``wte.weight``, ``h.0.attn.c_attn.weight``).
 """
 
 import math
@@ -18,6 +13,7 @@ import torch
 from rgpt.attention import CausalSelfAttention, KVCache
 from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
 from rgpt.loss import IGNORE_INDEX, CrossEntropy
+from rgpt.params import ParamStore
 
 
 @dataclass
@@ -93,7 +89,7 @@ class GPT:
         self.ln_f = LayerNorm(cfg.n_embd, **kw)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, **kw)
         self.criterion = CrossEntropy()
-        self._flatten()
+        self._bind_params()
         self.training = True
 
     # ---- parameters -------------------------------------------------------------------------------
@@ -104,49 +100,26 @@ class GPT:
         yield from _walk("ln_f", self.ln_f)
         yield from _walk("lm_head", self.lm_head)
 
-    def _flatten(self):
-        """Move every parameter into one flat buffer and every gradient into another (views, same names).
-
-        Linear layers' parameters come first, so their low-precision working copy is one contiguous slice.
-        """
+    def _bind_params(self):
+        """Hand every parameter to the store and point each layer at its views there (see rgpt.params)."""
         owned = [
             (f"{p}.{k}", layer, k) for p, layer in self._named_layers() for k in getattr(layer, "params", {})
         ]
-        owned.sort(key=lambda o: not isinstance(o[1], Linear))  # stable: Linear params first, order kept
-        total = sum(layer.params[k].numel() for _, layer, k in owned)
-        self.flat_params = torch.empty(total, device=self.device, dtype=self.dtype)
-        self.flat_grads = torch.zeros(total, device=self.device, dtype=self.dtype)
-        n_linear = sum(layer.params[k].numel() for _, layer, k in owned if isinstance(layer, Linear))
-        mixed = self.compute_dtype != self.dtype
-        self.flat_compute = (
-            torch.empty(n_linear, device=self.device, dtype=self.compute_dtype) if mixed else None
+        entries = [(name, layer.params[k], layer.low_precision) for name, layer, k in owned]
+        self.store = ParamStore(
+            entries, device=self.device, dtype=self.dtype, compute_dtype=self.compute_dtype
         )
-        self.params, self.grads, self.slices = {}, {}, {}
-        offset = 0
         for name, layer, k in owned:
-            p = layer.params[k]
-            end = offset + p.numel()
-            view = self.flat_params[offset:end].view(p.shape)
-            view.copy_(p)
-            self.params[name] = layer.params[k] = view
-            if mixed and isinstance(layer, Linear):
-                layer.params[k] = self.flat_compute[offset:end].view(p.shape)
-            layer.grads[k] = self.grads[name] = self.flat_grads[offset:end].view(p.shape)
-            self.slices[name] = (offset, end)
-            offset = end
-        self.sync_compute()
-
-    def sync_compute(self):
-        """Refresh the low-precision working copy from the master weights (after a load or a rollback)."""
-        if self.flat_compute is not None:
-            self.flat_compute.copy_(self.flat_params[: self.flat_compute.numel()])
+            layer.params[k] = self.store.compute_view(name)
+            layer.grads[k] = self.store.grads[name]
+        self.params, self.grads = self.store.params, self.store.grads  # name -> master weight / gradient
 
     def num_params(self, non_embedding=False):
-        n = self.flat_params.numel()
+        n = self.store.numel()
         return n - self.params["wte.weight"].numel() if non_embedding else n
 
     def zero_grad(self):
-        self.flat_grads.zero_()
+        self.store.zero_grad()
 
     def train(self):
         self._set_mode(True)

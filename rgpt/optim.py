@@ -1,6 +1,6 @@
 """Adam (with optional decoupled weight decay) and global-norm gradient clipping, by hand.
 
-Both work on the model's flat parameter and gradient buffers, so a step is a handful of whole-buffer ops
+Both work on the parameter store's flat weight and gradient buffers (rgpt/params.py), so a step is a handful of whole-buffer ops
 instead of a Python loop over dozens of small tensors.
 """
 
@@ -37,56 +37,31 @@ CHUNK = 1 << 18
 class Adam:
     """Adam with bias correction; weight_decay > 0 makes it AdamW (decoupled), applied to `decay` names only.
 
-    params/grads: the model's name -> view dicts; flat_params/flat_grads: the buffers those views share.
+    store: the model's parameter store (rgpt/params.py); m and v are flat buffers laid out like its weights.
     frozen: names that must not move (their gradients and first moments are zeroed before every step).
-    shadow: an optional lower-precision copy of the first shadow.numel() parameters (the model's bfloat16
-    working copy), rewritten from the updated weights in the same pass.
     The update runs chunk by chunk: each chunk goes through every operation while it is in cache, so the
-    step reads and writes each buffer about once, and needs no parameter-sized scratch buffer.
+    step reads and writes each buffer about once, and needs no parameter-sized scratch buffer; the store
+    then refreshes its low-precision working copy of the chunk (if it keeps one).
     """
 
-    def __init__(
-        self,
-        params,
-        grads,
-        flat_params,
-        flat_grads,
-        *,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        decay=(),
-        frozen=(),
-        shadow=None,
-    ):
-        self.params, self.grads = params, grads
-        self.flat_params, self.flat_grads = flat_params, flat_grads
+    def __init__(self, store, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay=(), frozen=()):
+        self.store = store
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         # Adam state is kept in float32 at least, even when the weights it updates are lower precision
-        state_dtype = torch.promote_types(flat_params.dtype, torch.float32)
-        self.m = torch.zeros(flat_params.numel(), device=flat_params.device, dtype=state_dtype)
+        state_dtype = torch.promote_types(store.data.dtype, torch.float32)
+        self.m = torch.zeros(store.numel(), device=store.data.device, dtype=state_dtype)
         self.v = torch.zeros_like(self.m)
-        self.shadow = shadow
         self.t = 0
-        self.decay = [params[n] for n in decay]
+        self.decay = [store.params[n] for n in decay]
         self.frozen = list(frozen)
-        self._offsets = {}
-        base = flat_params.data_ptr()
-        for name, p in params.items():
-            start = (p.data_ptr() - base) // p.element_size()
-            self._offsets[name] = (start, start + p.numel())
-
-    def _state_view(self, buf, name):
-        start, end = self._offsets[name]
-        return buf[start:end].view(self.params[name].shape)
 
     def step(self, lr: float, grad_scale: torch.Tensor | None = None):
-        """One update from the gradients in flat_grads, first multiplied by grad_scale if given (in place,
+        """One update from the gradients in the store, first multiplied by grad_scale if given (in place,
         chunk by chunk: clipping by clip_coef's factor costs no extra pass over the gradient buffer)."""
         for name in self.frozen:  # gradients still flowed *through* these weights; they just do not move
-            self.grads[name].zero_()
-            self._state_view(self.m, name).zero_()
+            self.store.grads[name].zero_()
+            self.store.view(self.m, name).zero_()
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
@@ -95,10 +70,10 @@ class Adam:
         # p -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / bias1, v_hat = v / bias2; multiplying through by
         # sqrt(bias2): p -= (lr * sqrt(bias2) / bias1) * m / (sqrt(v) + eps * sqrt(bias2))
         step_size, eps = lr * math.sqrt(bias2) / bias1, self.eps * math.sqrt(bias2)
-        n, n_shadow = self.m.numel(), 0 if self.shadow is None else self.shadow.numel()
+        n, store = self.m.numel(), self.store
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
-            p, g, m, v = self.flat_params[a:b], self.flat_grads[a:b], self.m[a:b], self.v[a:b]
+            p, g, m, v = store.data[a:b], store.grad[a:b], self.m[a:b], self.v[a:b]
             if grad_scale is not None:
                 g.mul_(grad_scale.to(g.dtype))  # the chunk is in cache now: clipping is nearly free here
             g = g.to(m.dtype)
@@ -109,28 +84,27 @@ class Adam:
                 p.addcdiv_(m, denom, value=-step_size)
             else:
                 p.add_((m / denom).mul_(-step_size).to(p.dtype))
-            if a < n_shadow:
-                self.shadow[a : min(b, n_shadow)].copy_(p[: min(b, n_shadow) - a])
+            store.sync(a, b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors by name (safetensors-friendly): step, and m/v per parameter."""
         out = {"step": torch.tensor(self.t, dtype=torch.int64)}
-        for name in self.params:
-            out[f"m.{name}"] = self._state_view(self.m, name)
-            out[f"v.{name}"] = self._state_view(self.v, name)
+        for name in self.store.params:
+            out[f"m.{name}"] = self.store.view(self.m, name)
+            out[f"v.{name}"] = self.store.view(self.v, name)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {"step"} | {f"{k}.{n}" for n in self.params for k in ("m", "v")}
+        expected = {"step"} | {f"{k}.{n}" for n in self.store.params for k in ("m", "v")}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
             raise ValueError(
                 f"optimizer state does not match the model (missing {missing}, unexpected {extra})"
             )
         self.t = int(state["step"])
-        for name in self.params:
+        for name in self.store.params:
             for key, buf in (("m", self.m), ("v", self.v)):
-                src, dst = state[f"{key}.{name}"], self._state_view(buf, name)
+                src, dst = state[f"{key}.{name}"], self.store.view(buf, name)
                 if src.shape != dst.shape:
                     raise ValueError(
                         f"optimizer state {key}.{name} has shape {tuple(src.shape)}, want {tuple(dst.shape)}"

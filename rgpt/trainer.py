@@ -41,22 +41,18 @@ class Trainer:
         self.model, self.tok, self.source = start.model, start.tokenizer, start.source
         self.resumed = start.state  # state.json of the checkpoint resumed exactly, else None
         m = self.model
-        self.dist.broadcast_(m.flat_params)  # every rank starts from rank 0's weights, bit for bit
-        m.sync_compute()
+        with m.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
+            self.dist.broadcast_(weights)
         self._load_data()
         t = cfg.train
         frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
         # a frozen weight must not decay either
         decay = [n for n, p in m.params.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
         self.opt = Adam(
-            m.params,
-            m.grads,
-            m.flat_params,
-            m.flat_grads,
+            m.store,
             betas=(t.beta1, t.beta2),
             eps=t.eps,
             weight_decay=t.weight_decay,
-            shadow=m.flat_compute,
             decay=decay,
             frozen=frozen,
         )
@@ -116,12 +112,11 @@ class Trainer:
         m = self.model
         best = ckpt.find(source.parent, "best", warn=self.log) if source is not None else None
         if best is None or ckpt.read_state(best).get("monitor_value") != self.best:
-            return m.flat_params.clone()
-        current = m.flat_params.clone()
+            return m.store.snapshot()
+        current = m.store.snapshot()
         ckpt.load_weights(m, best)
-        weights = m.flat_params.clone()
-        m.flat_params.copy_(current)
-        m.sync_compute()  # the low-precision working copy too (load_weights refreshed it from `best`)
+        weights = m.store.snapshot()
+        m.store.restore(current)
         return weights
 
     def _state(self, **extra) -> dict:
@@ -170,8 +165,8 @@ class Trainer:
         stats[0] = self._pending is not None
         stats[1] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
-            d.all_reduce_sum(m.flat_grads, stats)  # the gradient: the single-process one of the whole group
-            norm, clip = clip_coef(m.flat_grads, self.cfg.train.clip_norm)  # applied inside Adam's pass
+            d.all_reduce_sum(m.store.grad, stats)  # the gradient: the single-process one of the whole group
+            norm, clip = clip_coef(m.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
             stop, time_up, loss_sum, *self._sums = torch.cat([stats, norm.double().view(1)]).tolist()
             norm_value = self._sums.pop()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
@@ -409,7 +404,7 @@ class Trainer:
         improved = math.isfinite(value) and value < self.best - t.min_delta
         if improved:
             self.best, self.bad_epochs = value, 0
-            self.best_params = self.model.flat_params.clone()
+            self.best_params = self.model.store.snapshot()
         else:
             self.bad_epochs += 1  # evaluations without improvement (epochs unless eval_every is set)
         self.history.append(
@@ -487,8 +482,7 @@ class Trainer:
             and self.stop_reason.startswith("early stopping")
             and self.best_params is not None
         ):
-            m.flat_params.copy_(self.best_params)  # roll back to the best model before the final save
-            m.sync_compute()
+            m.store.restore(self.best_params)  # roll back to the best model before the final save
             reason += f"; rolled back to the best model ({cfg.train.monitor} {self.best:.4f})"
         path = self.save("final")
         self.log(f"done: {reason}.")

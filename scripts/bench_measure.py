@@ -106,13 +106,13 @@ def new_rgpt(cfg: GPTConfig, device, precision: str) -> GPT:
 
 def rgpt_step(cfg, device, precision, idx, targets):
     model = new_rgpt(cfg, device, precision)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
+    opt = Adam(model.store)
 
     def step():
         model.zero_grad()
         model.forward(idx, targets)
         model.backward()
-        _, clip = clip_coef(model.flat_grads, CLIP)
+        _, clip = clip_coef(model.store.grad, CLIP)
         opt.step(LR, grad_scale=clip)  # clipping happens in Adam's pass over the gradient
 
     return step
@@ -285,12 +285,12 @@ def generation_rounds(model, prompt, n_new: int, rounds: int, sync):
 def rgpt_phases(cfg, device, idx, targets, repeats=3) -> dict:
     """Median seconds of each phase of an rgpt training step (after one untimed step)."""
     model = new_rgpt(cfg, device, "fp32")
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     state = {}
     phases = {
         "forward": lambda: model.forward(idx, targets),
         "backward": model.backward,
-        "clip": lambda: state.update(clip=clip_coef(model.flat_grads, CLIP)[1]),  # the norm and factor
+        "clip": lambda: state.update(clip=clip_coef(model.store.grad, CLIP)[1]),  # the norm and factor
         "Adam": lambda: opt.step(LR, grad_scale=state["clip"]),  # the scaling happens here
     }
     sync, times = synchronizer(device), {k: [] for k in phases}
@@ -330,7 +330,7 @@ def epoch_seconds(tok, files, cfg, device, cache_dir, batch_size=16, grad_accum=
         DataConfig(files=list(files), kind="pretrain"), tok, cfg.block_size, cache_dir, log=log
     )
     model = new_rgpt(cfg, device, "fp32")
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     batches = Batcher(train, batch_size, seed=0, pin_memory=device.type == "cuda")
     sync = synchronizer(device)
     n_tokens = n_steps = 0
@@ -343,7 +343,7 @@ def epoch_seconds(tok, files, cfg, device, cache_dir, batch_size=16, grad_accum=
             b = b.to(device)
             loss_sum += model.forward(b.idx, b.targets).double() * b.n_tokens
             model.backward(scale=b.n_tokens / n_total)
-        _, clip = clip_coef(model.flat_grads, CLIP)
+        _, clip = clip_coef(model.store.grad, CLIP)
         opt.step(LR, grad_scale=clip)
         return float(loss_sum) / n_total
 

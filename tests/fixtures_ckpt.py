@@ -68,7 +68,7 @@ def _train():
         ids, mask = torch.tensor(ids), torch.tensor(mask)
         idx[row, : len(ids) - 1] = ids[:-1]
         targets[row, : len(ids) - 1] = ids[1:].masked_fill(~mask[1:], -100)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     for _ in range(STEPS):
         loss = model.forward(idx, targets)
         model.zero_grad()

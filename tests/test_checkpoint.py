@@ -25,7 +25,7 @@ def tiny(vocab_size=20):
 
 
 def adam(model):
-    return Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    return Adam(model.store)
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def saved(tmp_path):
     """A checkpoint of a tiny model whose Adam state is not all zeros."""
     model, tok = tiny(), Tokenizer.build(["你好世界", "谢谢"], min_freq=1, idioms=())
     opt = adam(model)
-    model.flat_grads.normal_()
+    model.store.grad.normal_()
     opt.step(1e-3)
     path = ckpt.save(tmp_path / "ck", "last", 7, model, tok, {"epoch": 1, "note": "x"}, optimizer=opt)
     return path, model, opt, tok
@@ -48,9 +48,9 @@ def test_round_trip_restores_weights_optimizer_vocab_and_state(saved):
     assert set(state["files"]) == {ckpt.MODEL, ckpt.OPTIM, ckpt.VOCAB}
 
     other = GPT(model.config)
-    assert not torch.equal(other.flat_params, model.flat_params)
+    assert not torch.equal(other.store.data, model.store.data)
     ckpt.load_weights(other, path)
-    assert torch.equal(other.flat_params, model.flat_params)
+    assert torch.equal(other.store.data, model.store.data)
     opt2 = adam(other)
     opt2.load_state_dict(ckpt.load_tensors(path, ckpt.OPTIM))
     assert opt2.t == opt.t == 1
@@ -58,7 +58,7 @@ def test_round_trip_restores_weights_optimizer_vocab_and_state(saved):
     assert Tokenizer.load(path / ckpt.VOCAB).tokens == tok.tokens
 
     loaded, tok2, meta = ckpt.load_model(path)
-    assert torch.equal(loaded.flat_params, model.flat_params) and meta["step"] == 7
+    assert torch.equal(loaded.store.data, model.store.data) and meta["step"] == 7
     assert tok2.tokens == tok.tokens
 
 
@@ -113,7 +113,7 @@ def test_unreadable_safetensors_and_mismatched_shapes_are_checkpoint_errors(save
     with pytest.raises(CheckpointError, match="cannot read"):
         ckpt.load_tensors(path)
     other = ckpt.save(tmp_path / "b", "best", 1, tiny(vocab_size=30), saved[3], {})
-    with pytest.raises(CheckpointError, match="weight has shape"):
+    with pytest.raises(CheckpointError, match=r"has shape \(30.*the model has \(20"):
         ckpt.load_weights(model, other)
 
 
@@ -190,7 +190,7 @@ d, report, rnd, step = Path(sys.argv[1]), {"damaged": [], "kills": 0}, random.Ra
 tok = Tokenizer.build(["你好世界"], min_freq=1, idioms=())
 for rounds, width, vocab, pause in ((100, 16, 50, 0.02), (6, 256, 4000, 0.3)):
     model = GPT(GPTConfig(vocab_size=vocab, n_embd=width, n_head=4, n_layer=2, n_hidden=2 * width, block_size=32))
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     for _ in range(rounds):
         pid = os.fork()
         if pid == 0:

@@ -20,9 +20,7 @@ DT = torch.float64
 def _on(model_cpu: GPT, device: str, **kw) -> GPT:
     """A copy of model_cpu's weights on ``device``."""
     m = GPT(model_cpu.config, device=device, dtype=model_cpu.dtype, **kw)
-    for name, p in model_cpu.params.items():
-        m.params[name].copy_(p)
-    m.sync_compute()
+    m.store.load(model_cpu.params)
     return m
 
 
@@ -45,7 +43,7 @@ def test_every_gradient_on_cuda_matches_autograd(activation):
 def test_cuda_and_cpu_agree_step_by_step():
     cpu = make_model()
     gpu = _on(cpu, "cuda")
-    opts = [Adam(m.params, m.grads, m.flat_params, m.flat_grads, shadow=m.flat_compute) for m in (cpu, gpu)]
+    opts = [Adam(m.store) for m in (cpu, gpu)]
     for _ in range(5):
         idx, targets = batch()
         for m, opt in zip((cpu, gpu), opts):
@@ -68,8 +66,8 @@ def test_bf16_compute_on_cuda_is_close_to_fp32():
         losses.append(m.forward(idx, targets).item())
         m.backward()
     assert abs(losses[1] - losses[0]) < 0.02 * losses[0], losses
-    assert bf16.flat_params.dtype == torch.float32, "the master weights must stay fp32"
-    cos = torch.nn.functional.cosine_similarity(fp32.flat_grads, bf16.flat_grads, dim=0)
+    assert bf16.store.data.dtype == torch.float32, "the master weights must stay fp32"
+    cos = torch.nn.functional.cosine_similarity(fp32.store.grad, bf16.store.grad, dim=0)
     assert cos > 0.99, f"bf16 gradient direction off: cosine {cos:.4f}"
 
 

@@ -33,9 +33,7 @@ def test_bf16_gradients_match_float64_reference():
         aloss.backward()
     mixed = GPT(exact.config, dtype=torch.float32, compute_dtype=torch.bfloat16)
     mixed.eval()
-    for name, p in mixed.params.items():
-        p.copy_(exact.params[name])
-    mixed.sync_compute()
+    mixed.store.load(exact.params)
     loss = mixed.forward(idx, targets)
     mixed.zero_grad()
     mixed.backward()
@@ -55,8 +53,8 @@ def test_bf16_master_weights_and_working_copy(chunk, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(optim, "CHUNK", chunk)
     model = GPT(tiny_config(), compute_dtype=torch.bfloat16)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
-    assert model.flat_params.dtype == torch.float32 and opt.m.dtype == torch.float32
+    opt = Adam(model.store)
+    assert model.store.data.dtype == torch.float32 and opt.m.dtype == torch.float32
     idx, targets = batch()
     model.forward(idx, targets)
     model.backward()
@@ -65,16 +63,17 @@ def test_bf16_master_weights_and_working_copy(chunk, monkeypatch):
     working = model.h[0].attn.c_attn.params["weight"]
     assert working.dtype == torch.bfloat16 and torch.equal(working, w.to(torch.bfloat16))
     assert model.h[0].ln_1.params["weight"].dtype == torch.float32  # LayerNorm stays in float32
-    n = model.flat_compute.numel()
-    assert chunk is None or n % chunk, "the working copy should end inside a chunk"
-    assert torch.equal(model.flat_compute, model.flat_params[:n].to(torch.bfloat16)), "whole working copy"
+    assert chunk is None or model.store.n_low % chunk, "the working copy should end inside a chunk"
+    for name in model.store.low:  # every Linear parameter's working copy, wherever the store put it
+        master, working = model.params[name], model.store.compute_view(name)
+        assert torch.equal(working, master.to(torch.bfloat16)), f"working copy of {name}"
 
 
 def _train_curve(compute_dtype, steps=200):
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=40, n_embd=32, n_hidden=64, dropout=0.0, block_size=16)
     model = GPT(cfg, compute_dtype=compute_dtype)
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, shadow=model.flat_compute)
+    opt = Adam(model.store)
     gen = torch.Generator().manual_seed(1)
     base = torch.randint(0, 40, (64, 17), generator=gen)  # a small corpus the model can learn
     losses = []
@@ -84,7 +83,7 @@ def _train_curve(compute_dtype, steps=200):
         loss = model.forward(seq[:, :-1], seq[:, 1:])
         model.zero_grad()
         model.backward()
-        clip_grad_norm_(model.flat_grads, 5.0)
+        clip_grad_norm_(model.store.grad, 5.0)
         opt.step(3e-3)
         losses.append(loss.item())
     return torch.tensor(losses)

@@ -78,10 +78,10 @@ def test_two_backward_passes_double_the_gradients():
     model.zero_grad()
     model.forward(idx, targets)
     model.backward()
-    once = model.flat_grads.clone()
+    once = model.store.grad.clone()
     model.forward(idx, targets)
     model.backward()
-    assert_close(model.flat_grads, 2 * once, "gradients after two backward passes")
+    assert_close(model.store.grad, 2 * once, "gradients after two backward passes")
 
 
 def test_token_weighted_accumulation_equals_one_big_batch():
@@ -93,12 +93,12 @@ def test_token_weighted_accumulation_equals_one_big_batch():
     for idx, targets in micro:
         model.forward(idx, targets)
         model.backward(scale=int((targets != -100).sum()) / n_total)
-    accumulated = model.flat_grads.clone()
+    accumulated = model.store.grad.clone()
     big_idx, big_t = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
     model.zero_grad()
     model.forward(big_idx, big_t)
     model.backward()
-    assert_close(accumulated, model.flat_grads, "4 accumulated micro-batches vs one batch")
+    assert_close(accumulated, model.store.grad, "4 accumulated micro-batches vs one batch")
 
 
 def test_clipping_matches_torch():
@@ -121,13 +121,11 @@ def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, clip, monkeypatch
     if chunk is not None:
         monkeypatch.setattr(optim, "CHUNK", chunk)
     model = make_model()
-    assert chunk is None or model.flat_params.numel() % chunk, "the last chunk should be a partial one"
+    assert chunk is None or model.store.data.numel() % chunk, "the last chunk should be a partial one"
     model.eval()
     ref = reference_from(model)
     decay = [n for n, p in model.params.items() if p.dim() >= 2]
-    opt = Adam(
-        model.params, model.grads, model.flat_params, model.flat_grads, weight_decay=weight_decay, decay=decay
-    )
+    opt = Adam(model.store, weight_decay=weight_decay, decay=decay)
     named = dict(ref.named_parameters())
     groups = [
         {"params": [named[n] for n in decay], "weight_decay": weight_decay},
@@ -143,7 +141,7 @@ def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, clip, monkeypatch
         if clip is None:
             opt.step(lr=3e-3)
         else:
-            norm, coef = clip_coef(model.flat_grads, clip)
+            norm, coef = clip_coef(model.store.grad, clip)
             clipped += bool(coef < 1)
             opt.step(lr=3e-3, grad_scale=coef)
         with torch.enable_grad():
@@ -164,7 +162,7 @@ def test_ten_adam_steps_match_torch_optim(weight_decay, chunk, clip, monkeypatch
 def test_frozen_parameters_do_not_move_but_gradients_flow():
     model = make_model()
     frozen = [n for n in model.params if ".attn." in n]
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads, frozen=frozen)
+    opt = Adam(model.store, frozen=frozen)
     before = {n: p.clone() for n, p in model.params.items()}
     idx, targets = batch()
     model.forward(idx, targets)
@@ -179,13 +177,13 @@ def test_frozen_parameters_do_not_move_but_gradients_flow():
 
 def test_optimizer_state_roundtrip():
     model = make_model()
-    opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt = Adam(model.store)
     idx, targets = batch()
     model.forward(idx, targets)
     model.backward()
     opt.step(1e-3)
     state = {k: v.clone() for k, v in opt.state_dict().items()}
-    opt2 = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
+    opt2 = Adam(model.store)
     opt2.load_state_dict(state)
     assert opt2.t == 1 and torch.equal(opt2.m, opt.m) and torch.equal(opt2.v, opt.v)
     with pytest.raises(ValueError, match="does not match"):
@@ -205,15 +203,15 @@ def test_training_step_needs_no_autograd(monkeypatch):
     torch.set_grad_enabled(False)
     try:
         model = GPT(tiny_config(dropout=0.1))
-        opt = Adam(model.params, model.grads, model.flat_params, model.flat_grads)
-        before = model.flat_params.clone()
+        opt = Adam(model.store)
+        before = model.store.data.clone()
         idx, targets = batch()
         loss = model.forward(idx, targets)
         model.zero_grad()
         model.backward()
-        clip_grad_norm_(model.flat_grads, 1.0)
+        clip_grad_norm_(model.store.grad, 1.0)
         opt.step(1e-3)
-        assert torch.isfinite(loss) and not torch.equal(before, model.flat_params)
+        assert torch.isfinite(loss) and not torch.equal(before, model.store.data)
         assert all(not p.requires_grad for p in model.params.values())
     finally:
         torch.set_grad_enabled(prev)
@@ -238,7 +236,7 @@ def test_initialisation_follows_the_global_seed():
     a = GPT(tiny_config())
     torch.manual_seed(3)
     b = GPT(tiny_config())
-    assert torch.equal(a.flat_params, b.flat_params)
+    assert torch.equal(a.store.data, b.store.data)
     assert set(a.params) >= {
         "wte.weight",
         "h.1.attn.c_attn.weight",
