@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rgpt.cli import ALLOCATORS, ConfigError
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "lora")
 CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (tokenizer.files)
 
 
@@ -223,6 +223,30 @@ class DPOSettings:
         _check(0 < self.beta < math.inf, "dpo.beta", self.beta, "must be positive and finite")
 
 
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's projections
+
+
+@dataclass
+class LoRASettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
+
+    def validate(self):
+        _check(self.r >= 1, "lora.r", self.r, "must be at least 1")
+        _check(0 < self.alpha < math.inf, "lora.alpha", self.alpha, "must be positive and finite")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(
+            len(self.targets) > 0
+            and set(self.targets) <= set(LORA_TARGETS)
+            and len(set(self.targets)) == len(self.targets),
+            "lora.targets",
+            self.targets,
+            f"must name distinct projections among {', '.join(LORA_TARGETS)}",
+        )
+
+
 @dataclass
 class MonitorSettings:
     progress: bool = True
@@ -240,6 +264,7 @@ class RunConfig:
     checkpoint: CheckpointSettings
     monitor: MonitorSettings
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 1337
@@ -270,6 +295,7 @@ class RunConfig:
             "checkpoint": CheckpointSettings,
             "monitor": MonitorSettings,
             "dpo": DPOSettings,
+            "lora": LoRASettings,
         }
         parts = {}
         for key, sub in groups.items():
@@ -289,10 +315,16 @@ class RunConfig:
             f"applies to pretraining only; {cfg.stage} keeps one dialogue per window",
         )
         _check(
-            not (cfg.data.replay_fraction > 0 and cfg.stage != "sft"),
+            not (cfg.data.replay_fraction > 0 and cfg.stage not in ("sft", "lora")),
             "data.replay_fraction",
             cfg.data.replay_fraction,
-            "applies to sft only",
+            "applies to sft (and lora) only",
+        )
+        _check(
+            not (cfg.train.freeze_attn and cfg.stage == "lora"),
+            "train.freeze_attn",
+            cfg.train.freeze_attn,
+            "lora already freezes the whole model (its adapters are what trains)",
         )
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),

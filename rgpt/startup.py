@@ -15,6 +15,7 @@ from rgpt import checkpoint as ckpt
 from rgpt.checkpoint import CheckpointError
 from rgpt.config import RunConfig
 from rgpt.data import build_tokenizer
+from rgpt.lora import base_of
 from rgpt.model import GPT, GPTConfig
 from rgpt.tokenizer import Tokenizer
 
@@ -47,7 +48,8 @@ def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log
         log(f"notice: using the checkpoint's architecture: {diff}")
     arch["dropout"] = cfg.model.dropout  # regularisation is the run's choice, not the checkpoint's
     model = GPT(GPTConfig(**arch), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
-    ckpt.load_weights(model, path)
+    # a LoRA checkpoint holds adapters only: the model is its base's (the trainer adds the adapters)
+    ckpt.load_weights(model, base_of(meta, path) if ckpt.ADAPTER in meta["files"] else path)
     tok = Tokenizer.load(path / ckpt.VOCAB)
     if exact and ckpt.OPTIM not in meta["files"]:
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be resumed exactly")
@@ -64,9 +66,9 @@ def _set_aside(run_dir: Path, log) -> None:
 
 
 # the stage whose best model a stage starts from (resume=true without a checkpoint of its own)
-STARTS_FROM = {"sft": "pretrain", "dpo": "sft"}
+STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "lora": "pretrain"}
 MODEL_OF = {"pretrain": "pretrained", "sft": "instruction-tuned"}  # that stage's model, in words
-WORK_OF = {"sft": "instruction tuning", "dpo": "preference tuning"}
+WORK_OF = {"sft": "instruction tuning", "dpo": "preference tuning", "lora": "LoRA instruction tuning"}
 
 
 def _pretrained(cfg: RunConfig, log) -> tuple[Path, Path | None]:
@@ -118,10 +120,10 @@ def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
         raise CheckpointError(
             f"nothing to resume: no checkpoint in {run_ckpts}; run without resume=true to start"
         )
-    if cfg.stage == "dpo":
+    if cfg.stage in ("dpo", "lora"):
         raise CheckpointError(
-            "stage=dpo tunes an instruction-tuned model: add resume=true (starts from sft's best model) "
-            "or resume_from=CHECKPOINT"
+            f"stage={cfg.stage} tunes a trained model: add resume=true (starts from {STARTS_FROM[cfg.stage]}'s "
+            "best model) or resume_from=CHECKPOINT"
         )
     _set_aside(cfg.run_dir, log)
     t = cfg.tokenizer

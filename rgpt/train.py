@@ -1,4 +1,4 @@
-"""python -m rgpt.train stage=pretrain|sft|dpo [key=value ...]  (see conf/config.yaml for every key).
+"""python -m rgpt.train stage=pretrain|sft|dpo|lora [key=value ...]  (see conf/config.yaml for every key).
 
 What training prints goes through the `rgpt` logger: to the console and, via Hydra's job logging
 (conf/hydra/job_logging/rgpt.yaml), to the run directory's train.log as it goes.
@@ -48,6 +48,10 @@ def trainer_class(stage: str):
         from rgpt.dpo_trainer import DPOTrainer
 
         return DPOTrainer
+    if stage == "lora":
+        from rgpt.lora_trainer import LoRATrainer
+
+        return LoRATrainer
     from rgpt.trainer import Trainer
 
     return Trainer

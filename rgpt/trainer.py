@@ -30,6 +30,8 @@ class Stop(Exception):
 
 
 class Trainer:
+    adapters = None  # LoRA's adapters (rgpt.lora_trainer): checkpoints then hold them instead of the model
+
     def __init__(self, cfg: RunConfig, device, dist: Dist | None = None, log=print):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
@@ -40,16 +42,19 @@ class Trainer:
         )
         self.model, self.tok, self.source = start.model, start.tokenizer, start.source
         self.resumed = start.state  # state.json of the checkpoint resumed exactly, else None
-        m = self.model
-        with m.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
+        with self.model.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
             self.dist.broadcast_(weights)
+        self.store = self._trainable()  # what Adam updates: the model's store, or (LoRA) the adapters'
+        if self.store is not self.model.store:
+            with self.store.write() as weights:
+                self.dist.broadcast_(weights)
         self._load_data()
-        t = cfg.train
-        frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
+        t, ps = cfg.train, self.store.params
+        frozen = [n for n in ps if ".attn." in n] if t.freeze_attn else []
         # a frozen weight must not decay either
-        decay = [n for n, p in m.params.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
+        decay = [n for n, p in ps.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
         self.opt = Adam(
-            m.store,
+            self.store,
             betas=(t.beta1, t.beta2),
             eps=t.eps,
             weight_decay=t.weight_decay,
@@ -72,12 +77,16 @@ class Trainer:
         self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
         self._eta = None  # the last step's ETA (monitor.Eta)
 
+    def _trainable(self):
+        """The parameter store that training updates (rgpt.params.ParamStore): the whole model's."""
+        return self.model.store
+
     def _load_data(self) -> None:
         """The stage's train and validation sets and their batchers (the token sets, cached on disk)."""
         cfg, m, pin = self.cfg, self.model, self.device.type == "cuda"
         data_cfg = DataConfig(
             files=list(cfg.data.files),
-            kind=cfg.stage,
+            kind="pretrain" if cfg.stage == "pretrain" else "sft",  # lora learns the dialogues as sft does
             val_fraction=cfg.data.val_fraction,
             val_files=list(cfg.data.val_files),
             assistant_only_loss=cfg.data.assistant_only_loss,
@@ -109,15 +118,18 @@ class Trainer:
     def _best_params(self, source) -> torch.Tensor:
         """What early stopping rolls back to: after a resume, the weights of the `best` checkpoint saved
         beside the one resumed (not the resumed weights); the current weights when there is none."""
-        m = self.model
         best = ckpt.find(source.parent, "best", warn=self.log) if source is not None else None
         if best is None or ckpt.read_state(best).get("monitor_value") != self.best:
-            return m.store.snapshot()
-        current = m.store.snapshot()
-        ckpt.load_weights(m, best)
-        weights = m.store.snapshot()
-        m.store.restore(current)
+            return self.store.snapshot()
+        current = self.store.snapshot()
+        self._load_trainable(best)
+        weights = self.store.snapshot()
+        self.store.restore(current)
         return weights
+
+    def _load_trainable(self, path) -> None:
+        """The trained weights of checkpoint `path` into the store that training updates."""
+        ckpt.load_weights(self.model, path)
 
     def _state(self, **extra) -> dict:
         return {
@@ -154,7 +166,7 @@ class Trainer:
         # (stop requested, time up, loss sum, the stage's other sums) travel in one all-reduce, so every rank
         # leaves the loop after the same step; a rank that stopped alone would leave the others waiting
         stats = torch.zeros(2 + self.n_sums, dtype=torch.float64, device=self.device)
-        m.zero_grad()
+        self.store.zero_grad()
         for j in range(d.rank, len(group), d.world):  # micro-batches rank, rank + world, ... of the group
             b = group[j]
             # dropout masks follow the micro-batch's place in the epoch, not the rank that computes it
@@ -165,8 +177,10 @@ class Trainer:
         stats[0] = self._pending is not None
         stats[1] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
-            d.all_reduce_sum(m.store.grad, stats)  # the gradient: the single-process one of the whole group
-            norm, clip = clip_coef(m.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
+            d.all_reduce_sum(
+                self.store.grad, stats
+            )  # the gradient: the single-process one of the whole group
+            norm, clip = clip_coef(self.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
             stop, time_up, loss_sum, *self._sums = torch.cat([stats, norm.double().view(1)]).tolist()
             norm_value = self._sums.pop()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
@@ -241,6 +255,7 @@ class Trainer:
                 self.tok,
                 self._state(**extra),
                 optimizer=self.opt,
+                adapters=self.adapters,
             )
             c = self.cfg.checkpoint
             if kind == "best":
@@ -289,7 +304,7 @@ class Trainer:
         self._session = {"t0": t0, "start": self._batch_index(), "tokens": 0, "bad_in_a_row": 0}
         per_epoch = -(-len(self.batches) // t.grad_accum)  # optimizer steps per epoch
         self.log(
-            f"{cfg.stage}: {m.num_params():,} parameters, {len(self.train_set)} training / "
+            f"{cfg.stage}: {m.num_params():,} parameters ({self.store.numel():,} trained), {len(self.train_set)} training / "
             f"{len(self.val_set)} validation windows, {len(self.batches)} micro-batches per epoch, "
             f"{per_epoch} steps per epoch, device {self.device}, precision {cfg.precision}"
         )
@@ -404,7 +419,7 @@ class Trainer:
         improved = math.isfinite(value) and value < self.best - t.min_delta
         if improved:
             self.best, self.bad_epochs = value, 0
-            self.best_params = self.model.store.snapshot()
+            self.best_params = self.store.snapshot()
         else:
             self.bad_epochs += 1  # evaluations without improvement (epochs unless eval_every is set)
         self.history.append(
@@ -464,7 +479,7 @@ class Trainer:
         self._save_progress(improved)
 
     def _finish(self, t0: float) -> dict:
-        m, cfg = self.model, self.cfg
+        cfg = self.cfg
         self.elapsed += time.perf_counter() - t0
         self.monitor.close()
         if self._signal is not None:  # Ctrl-C / SIGTERM: keep exactly where we are
@@ -482,7 +497,7 @@ class Trainer:
             and self.stop_reason.startswith("early stopping")
             and self.best_params is not None
         ):
-            m.store.restore(self.best_params)  # roll back to the best model before the final save
+            self.store.restore(self.best_params)  # roll back to the best model before the final save
             reason += f"; rolled back to the best model ({cfg.train.monitor} {self.best:.4f})"
         path = self.save("final")
         self.log(f"done: {reason}.")
