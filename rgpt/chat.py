@@ -26,8 +26,7 @@ from rgpt.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
 # Override keys whose values are free text or paths: quoted for Hydra before it parses the command line,
 # since its grammar rejects unquoted non-ASCII (prompt=山脉… would otherwise be a parse error).
 TEXT_KEYS = ("prompt", "checkpoint", "out_dir", "data.path")
-SETTABLE = ("method", "temperature", "top_k", "top_p", "repetition_penalty", "beam_width")
-SETTABLE += ("length_penalty", "max_new_tokens", "seed")
+SETTABLE = tuple(f.name for f in fields(DecodeConfig))  # every decoding setting, from its one definition
 HELP = """命令 (commands):
   /help               显示本帮助 (this help)
   /clear              清空对话历史 (forget the conversation)
@@ -124,7 +123,8 @@ def check_context_tokens(ctx):
     return ctx
 
 
-INT_KEYS = ("top_k", "beam_width", "max_new_tokens", "seed")  # the other settable keys are floats, and method
+# the integer settings (int, or int | None for seed); the others are floats, and method a word
+INT_KEYS = tuple(f.name for f in fields(DecodeConfig) if f.type is int or str(f.type).startswith("int |"))
 
 
 def _parse(key: str, value):

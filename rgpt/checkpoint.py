@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-KINDS = ("last", "best", "epoch", "final")
+CHECKPOINT_KINDS = ("last", "best", "epoch", "final")
 STATE, MODEL, OPTIM, VOCAB = "state.json", "model.safetensors", "optimizer.safetensors", "vocab.json"
 ADAPTER, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"  # a LoRA checkpoint's, instead of MODEL
 
@@ -77,8 +77,8 @@ def save(
 
     adapters (rgpt.lora.Adapters): write them (adapter.safetensors + adapter.json) instead of the model's
     weights, which stay in the base checkpoint that state.json names."""
-    if kind not in KINDS:
-        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     _sweep(ckpt_dir)
@@ -213,9 +213,19 @@ def prune(ckpt_dir, kind: str, keep: int, current=None) -> None:
         _remove(p)
 
 
+def model_config(meta: dict, path):
+    """The GPTConfig a checkpoint's state.json records (one it predates takes its defaults)."""
+    from rgpt.model import GPTConfig  # imported here: the model does not depend on checkpoints
+
+    try:
+        return GPTConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / STATE}: bad model_config ({e})") from None
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference."""
-    from rgpt.model import GPT, GPTConfig  # imported here: the model does not depend on checkpoints
+    from rgpt.model import GPT  # imported here: the model does not depend on checkpoints
     from rgpt.tokenizer import Tokenizer
 
     path = Path(path)
@@ -224,7 +234,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
         raise CheckpointError(
             f"{path} holds LoRA adapters only: merge them into a model first (python -m rgpt.lora merge {path})"
         )
-    model = GPT(GPTConfig(**meta["model_config"]), device=device, dtype=dtype)
+    model = GPT(model_config(meta, path), device=device, dtype=dtype)
     load_weights(model, path)
     model.eval()
     return model, Tokenizer.load(path / VOCAB), meta

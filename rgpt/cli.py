@@ -128,6 +128,19 @@ def setup_runtime(device: str, threads, allocator: str) -> torch.device:
     return dev
 
 
+def register_model_schema():
+    """The `model/gptconfig` node every conf/model YAML starts from: GPTConfig's fields and defaults, so
+    `model.pos=rope` needs no `+` and no YAML repeats a default (rgpt/model.py is the one definition)."""
+    from dataclasses import asdict
+
+    from hydra.core.config_store import ConfigStore
+
+    from rgpt.model import GPTConfig
+
+    fields = {k: v for k, v in asdict(GPTConfig()).items() if k != "vocab_size"}  # the tokenizer's to set
+    ConfigStore.instance().store(group="model", name="gptconfig", node=fields)
+
+
 def hydra_main(config_name: str):
     """hydra.main over the repository's conf/, with the `${corpus:NAME}` and `${sweep_job:...}` resolvers
     and one-line errors."""
@@ -139,6 +152,7 @@ def hydra_main(config_name: str):
         from rgpt.overrides import sweep_job_name
 
         OmegaConf.register_new_resolver("sweep_job", sweep_job_name)
+    register_model_schema()
 
     def decorate(fn):
         task = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(

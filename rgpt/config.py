@@ -9,9 +9,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rgpt.cli import ALLOCATORS, ConfigError
+from rgpt.data.dataset import DataConfig
+from rgpt.model import GPTConfig
 
 STAGES = ("pretrain", "sft", "dpo", "lora")
 CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (tokenizer.files)
+DATA_KIND = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "lora": "sft",
+    "dpo": "pairs",
+}  # what a stage's data.files hold
 
 
 def _pick(cls, d: dict, prefix: str):
@@ -23,7 +31,7 @@ def _pick(cls, d: dict, prefix: str):
     kwargs = {}
     for name, value in d.items():
         want = known[name].type
-        want = want if isinstance(want, str) else want.__name__  # "int", or "int | None" as annotated
+        want = want if isinstance(want, str) else getattr(want, "__name__", str(want))  # "int", "int | None"
         kind = want.split(" ")[0]
         try:
             if value is None:
@@ -51,29 +59,6 @@ def _check(ok: bool, key: str, value, why: str):
 
 
 @dataclass
-class ModelSettings:
-    name: str = "base"
-    n_embd: int = 512
-    n_head: int = 8
-    n_layer: int = 4
-    n_hidden: int = 1024
-    block_size: int = 256
-    dropout: float = 0.1
-    activation: str = "relu"
-
-    def validate(self):
-        for key in ("n_embd", "n_head", "n_layer", "n_hidden", "block_size"):
-            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be a positive integer")
-        _check(
-            self.n_embd % self.n_head == 0, "model.n_head", self.n_head, f"must divide n_embd={self.n_embd}"
-        )
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        _check(
-            self.activation in ("relu", "gelu"), "model.activation", self.activation, "must be relu or gelu"
-        )
-
-
-@dataclass
 class TrainSettings:
     max_epochs: int = 500
     max_steps: "int | None" = None
@@ -93,7 +78,7 @@ class TrainSettings:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    patience: int = 30
+    patience: int = 3
     min_delta: float = 0.0
     monitor: str = "val_loss"
     freeze_attn: bool = False
@@ -148,33 +133,6 @@ class TrainSettings:
         monitors = ("val_loss", "train_loss")
         _check(
             self.monitor in monitors, "train.monitor", self.monitor, f"must be one of {', '.join(monitors)}"
-        )
-
-
-@dataclass
-class DataSettings:
-    files: list = field(default_factory=list)
-    val_files: list = field(default_factory=list)
-    val_fraction: float = 0.05
-    assistant_only_loss: bool = True
-    pack: bool = False  # pretraining only: documents as one stream cut into full windows (rgpt.data.dataset)
-    cache_dir: str = "outputs/.cache"
-    workers: "int | None" = None  # jieba processes; None: every core from 4 MB on (rgpt.data.encode)
-    replay_files: list = field(default_factory=list)  # sft: pretraining text mixed into its training split
-    replay_fraction: float = 0.0  # sft: share of replay_files' documents taken (chosen by their text's hash)
-
-    def validate(self):
-        _check(len(self.files) > 0, "data.files", self.files, "lists no corpus file or directory")
-        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
-        _check(self.workers is None or self.workers >= 1, "data.workers", self.workers, "must be at least 1")
-        _check(
-            0 <= self.replay_fraction <= 1, "data.replay_fraction", self.replay_fraction, "must be in [0, 1]"
-        )
-        _check(
-            not (self.replay_fraction > 0 and not self.replay_files),
-            "data.replay_fraction",
-            self.replay_fraction,
-            "needs data.replay_files: the pretraining text to replay",
         )
 
 
@@ -257,16 +215,16 @@ class MonitorSettings:
 @dataclass
 class RunConfig:
     stage: str
-    model: ModelSettings
+    model: GPTConfig  # the architecture: its one definition is rgpt/model.py
     train: TrainSettings
-    data: DataSettings
+    data: DataConfig  # what the stage reads: its one definition is rgpt/data/dataset.py
     tokenizer: TokenizerSettings
     checkpoint: CheckpointSettings
     monitor: MonitorSettings
     dpo: DPOSettings = field(default_factory=DPOSettings)
     lora: LoRASettings = field(default_factory=LoRASettings)
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 1337
     run_name: str = "default"
     out_dir: str = "outputs"
@@ -288,9 +246,9 @@ class RunConfig:
         d = dict(d)
         d.pop("hydra", None)
         groups = {
-            "model": ModelSettings,
+            "model": GPTConfig,
             "train": TrainSettings,
-            "data": DataSettings,
+            "data": DataConfig,
             "tokenizer": TokenizerSettings,
             "checkpoint": CheckpointSettings,
             "monitor": MonitorSettings,
@@ -302,23 +260,14 @@ class RunConfig:
             value = d.pop(key, None) or {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a group of settings, got {value!r}")
+            if key == "data":  # the stage decides what kind of text the data is
+                _check("kind" not in value, "data.kind", value.get("kind"), "is set by stage=")
+                value = {**value, "kind": DATA_KIND.get(d.get("stage"), d.get("stage"))}
             parts[key] = _pick(sub, value, f"{key}.")
         _check(d.get("stage") in STAGES, "stage", d.get("stage"), f"must be one of {', '.join(STAGES)}")
         cfg = _pick(cls, {**d, **parts}, "")
-        for part in parts.values():
-            if hasattr(part, "validate"):
-                part.validate()
         _check(
-            not (cfg.data.pack and cfg.stage != "pretrain"),
-            "data.pack",
-            cfg.data.pack,
-            f"applies to pretraining only; {cfg.stage} keeps one dialogue per window",
-        )
-        _check(
-            not (cfg.data.replay_fraction > 0 and cfg.stage not in ("sft", "lora")),
-            "data.replay_fraction",
-            cfg.data.replay_fraction,
-            "applies to sft (and lora) only",
+            cfg.model.vocab_size == 0, "model.vocab_size", cfg.model.vocab_size, "is set from the tokenizer"
         )
         _check(
             not (cfg.train.freeze_attn and cfg.stage == "lora"),
@@ -326,6 +275,13 @@ class RunConfig:
             cfg.train.freeze_attn,
             "lora already freezes the whole model (its adapters are what trains)",
         )
+        try:  # the model's and the data's own checks, in their own modules
+            cfg.model.validate(allow_no_vocab=True)
+            cfg.data.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for part in (cfg.train, cfg.tokenizer, cfg.checkpoint):
+            part.validate()
         _check(
             cfg.precision in ("auto", "fp32", "bf16"),
             "precision",

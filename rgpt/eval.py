@@ -4,8 +4,8 @@ Measures a checkpoint on a corpus in one streaming pass (every key: conf/eval.ya
 - task=lm: every passage (a line of a .txt, a {"text"} record, ...) is scored as in pretraining,
   <bos> passage <eos>: each token of the passage and the closing <eos> is predicted from what precedes it.
 - task=sft: dialogues are scored as in instruction tuning (the assistant's tokens and their <eos>), and
-  each assistant turn is also greedy-decoded from the turns before it and compared with the reference:
-  exact match and character F1.
+  each assistant turn is also decoded from the turns before it (greedy by default: every key of
+  conf/decode.yaml applies, as in chat) and compared with the reference: exact match and character F1.
 Reported: tokens scored, characters, mean loss (nats per token), perplexity, bits per character (total
 NLL in bits / characters of the scored text, comparable across tokenizers) and the <unk> rate. A passage
 longer than the window is scored with a sliding window: each token once, with at least half a window
@@ -17,18 +17,18 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from rgpt.chat import open_model, quote_text_overrides
+from rgpt.chat import SETTABLE, check_context_tokens, decode_settings, open_model, quote_text_overrides
 from rgpt.cli import ConfigError, hydra_main, setup_runtime
 from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
 from rgpt.generate import DecodeConfig, generate
+from rgpt.loss import IGNORE_INDEX as IGNORE
 from rgpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
 
 TASKS = ("lm", "sft")
-IGNORE = -100
 
 
 @dataclass
@@ -37,8 +37,8 @@ class EvalConfig:
     checkpoint: str | None = None
     out_dir: str = "outputs"
     task: str = "lm"
-    max_new_tokens: int = 100
     batch_size: int = 16
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # conf/decode.yaml: how sft replies are made
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalConfig":
@@ -51,18 +51,26 @@ class EvalConfig:
             raise ConfigError(
                 "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
             )
-        known = {"checkpoint", "out_dir", "task", "max_new_tokens", "batch_size"}
+        # context_tokens comes with conf/decode.yaml; chat and serve use it, eval scores whole dialogues
+        known = {"checkpoint", "out_dir", "task", "batch_size", "context_tokens", *SETTABLE}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]} (known: data.path, {', '.join(sorted(known))})")
-        for key in ("max_new_tokens", "batch_size"):
-            v = d.get(key, getattr(cls, key))
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{key}={v!r} must be a positive integer")
+        v = d.get("batch_size", cls.batch_size)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"batch_size={v!r} must be a positive integer")
         if d.get("task", "lm") not in TASKS:
             raise ConfigError(f"task={d['task']!r} is not one of {', '.join(TASKS)}")
-        ckpt = d.pop("checkpoint", None)
-        return cls(data_path=str(path), checkpoint=None if ckpt is None else str(ckpt), **d)
+        check_context_tokens(d.get("context_tokens"))
+        ckpt = d.get("checkpoint")
+        return cls(
+            data_path=str(path),
+            checkpoint=None if ckpt is None else str(ckpt),
+            out_dir=str(d.get("out_dir", cls.out_dir)),
+            task=d.get("task", cls.task),
+            batch_size=v,
+            decode=decode_settings(d),
+        )
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
 
     scorer, chars, passages = Scorer(model, cfg.batch_size), 0, 0
     exact, f1, prompts = 0, 0.0, 0
-    greedy = DecodeConfig(method="greedy", max_new_tokens=cfg.max_new_tokens)
+    decode = cfg.decode
     items = read_pretrain(cfg.data_path) if cfg.task == "lm" else read_dialogues(cfg.data_path)
     bar = tqdm(
         items,
@@ -186,7 +194,7 @@ def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
             chars += len(normalise(content))
             if k == 0 or item[k - 1][0] != "user":
                 continue  # no question to answer
-            reply = tok.decode(generate(model, tok.encode_prompt(item[:k]), greedy))
+            reply = tok.decode(generate(model, tok.encode_prompt(item[:k]), decode))
             exact += normalise(reply) == normalise(content)
             f1 += char_f1(normalise(reply), normalise(content))
             prompts += 1
@@ -224,7 +232,7 @@ def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
     if cfg.task == "sft":
         lines.append(
             f"replies      exact match {fmt(result['exact_match'], '.1%')}, char F1 "
-            f"{fmt(result['char_f1'], '.3f')} over {result['_prompts']:,} prompts (greedy)"
+            f"{fmt(result['char_f1'], '.3f')} over {result['_prompts']:,} prompts ({cfg.decode.method})"
         )
     return "\n".join(lines)
 

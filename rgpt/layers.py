@@ -113,6 +113,28 @@ class Linear(Layer):
         return dx.view(*dy.shape[:-1], w.shape[1])
 
 
+class TiedHead(Linear):
+    """The output projection sharing the token embedding (V, C): logits = (x @ W_wte.T) / sqrt(C) + b.
+
+    The weight is not its own: the model binds params["weight"] / grads["weight"] to wte's, so the
+    gradients of both uses add up in one place. The fixed 1/sqrt(C) keeps the logits' scale that of an
+    untied head although the embedding rows have RMS sqrt(1/2) (see GPT); it is folded into the input.
+    """
+
+    tied = {"weight": "wte.weight"}  # parameter key -> the name of the parameter it shares
+
+    def __init__(self, n_embd, n_vocab, *, device, dtype):
+        Layer.__init__(self)
+        self.scale = 1.0 / math.sqrt(n_embd)
+        self.add_param("bias", torch.zeros(n_vocab, device=device, dtype=dtype))
+
+    def forward(self, x):  # x: (..., C)
+        return super().forward(x * self.scale)
+
+    def backward(self, dy):  # y = (x * s) @ W.T + b: dW += dy^T (x * s), dx = s * (dy @ W)
+        return super().backward(dy) * self.scale
+
+
 class Embedding(Layer):
     """Token embedding: out[b, t] = W[idx[b, t]]."""
 
@@ -175,6 +197,33 @@ class LayerNorm(Layer):
         return dx
 
 
+class RMSNorm(Layer):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dim: LayerNorm without the centring and the bias."""
+
+    def __init__(self, n_embd, *, device, dtype, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.add_param("weight", torch.ones(n_embd, device=device, dtype=dtype))
+
+    def forward(self, x):  # x: (B, T, C)
+        rstd = (x * x).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # (B, T, 1) = 1/rms(x)
+        xhat = x * rstd
+        self.cache = (xhat, rstd)
+        return xhat * self.params["weight"]
+
+    def backward(self, dy):
+        xhat, rstd = self.cache
+        self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
+        g = dy * self.params["weight"]  # dL/dxhat
+        # xhat = x * rstd with rstd = mean(x^2)^(-1/2): dx = rstd * (g - xhat * mean(g * xhat))
+        dx = g.addcmul_(xhat, (g * xhat).mean(-1, keepdim=True), value=-1.0).mul_(rstd)
+        self.cache = None
+        return dx
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
 class Dropout(Layer):
     """Inverted dropout: y = x * mask / (1 - p) in training, identity in eval; masks come from `generator`."""
 
@@ -205,40 +254,76 @@ class Dropout(Layer):
         return dy if mask is None else dy * mask
 
 
+def swiglu_hidden(n_hidden: int) -> int:
+    """SwiGLU's width: two input projections instead of one, so 2/3 of n_hidden keeps the parameter count."""
+    return max(1, round(2 * n_hidden / 3))
+
+
 class MLP(Layer):
-    """Position-wise feed-forward: c_fc -> activation -> c_proj (ReLU as in the reference; GELU selectable)."""
+    """Position-wise feed-forward: c_fc -> activation -> c_proj.
+
+    relu (the reference's) or gelu: a = act(h). swiglu: c_fc yields [g | u] and a = silu(g) * u, with
+    silu(g) = g * sigmoid(g), at the width swiglu_hidden(n_hidden).
+    """
 
     def __init__(self, n_embd, n_hidden, *, activation, std, proj_std, device, dtype):
         super().__init__()
-        if activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
         self.activation = activation
-        self.c_fc = Linear(n_embd, n_hidden, std=std, device=device, dtype=dtype)
-        self.c_proj = Linear(n_hidden, n_embd, std=proj_std, device=device, dtype=dtype)
+        width = swiglu_hidden(n_hidden) if activation == "swiglu" else n_hidden
+        n_fc = 2 * width if activation == "swiglu" else width
+        self.c_fc = Linear(n_embd, n_fc, std=std, device=device, dtype=dtype)
+        self.c_proj = Linear(width, n_embd, std=proj_std, device=device, dtype=dtype)
+        self._act, self._dact = ACTIVATIONS[activation]
 
     def sublayers(self):
         return {"c_fc": self.c_fc, "c_proj": self.c_proj}
 
     def forward(self, x):  # x: (B, T, C)
-        h = self.c_fc.forward(x)  # (B, T, F)
-        if self.activation == "relu":
-            a = torch.relu(h)
-            self.cache = a  # relu'(h) = (a > 0): the output alone suffices
-        else:
-            a = h * _phi_cdf(h)  # exact GELU: h * Phi(h)
-            self.cache = h
+        h = self.c_fc.forward(x)  # (B, T, F), or (B, T, 2F) for swiglu
+        a, self.cache = self._act(h)  # (B, T, F), and what the derivative needs
         return self.c_proj.forward(a)
 
     def backward(self, dy):
         da = self.c_proj.backward(dy)  # (B, T, F)
-        if self.activation == "relu":
-            dh = da * (self.cache > 0)
-        else:
-            h = self.cache
-            # d/dh [h * Phi(h)] = Phi(h) + h * phi(h), phi the standard normal density
-            dh = da * (_phi_cdf(h) + h * torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi)))
+        dh = self._dact(da, self.cache)
         self.cache = None
         return self.c_fc.backward(dh)
+
+
+# each activation: forward h -> (a, saved) and backward (da, saved) -> dh
+def _relu(h):
+    a = torch.relu(h)
+    return a, a  # relu'(h) = (a > 0): the output alone suffices
+
+
+def _drelu(da, a):
+    return da * (a > 0)
+
+
+def _gelu(h):
+    return h * _phi_cdf(h), h  # exact GELU: h * Phi(h)
+
+
+def _dgelu(da, h):
+    # d/dh [h * Phi(h)] = Phi(h) + h * phi(h), phi the standard normal density
+    return da * (_phi_cdf(h) + h * torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi)))
+
+
+def _swiglu(h):
+    g, u = h.chunk(2, dim=-1)  # (B, T, F) each: the gate and the value
+    sg = torch.sigmoid(g)
+    return g * sg * u, (g, u, sg)
+
+
+def _dswiglu(da, saved):
+    g, u, sg = saved
+    # a = silu(g) * u: du = da * silu(g); dg = da * u * silu'(g), silu'(g) = sg * (1 + g * (1 - sg))
+    du = da * g * sg
+    dg = da * u * sg * (1.0 + g * (1.0 - sg))
+    return torch.cat((dg, du), dim=-1)  # (B, T, 2F), the layout of h
+
+
+ACTIVATIONS = {"relu": (_relu, _drelu), "gelu": (_gelu, _dgelu), "swiglu": (_swiglu, _dswiglu)}
 
 
 def _phi_cdf(x):

@@ -1,4 +1,4 @@
-"""The GPT: token embedding + sinusoidal positions, Pre-LN blocks, final LayerNorm, output projection.
+"""The GPT: token embedding (+ sinusoidal positions), Pre-LN blocks, final norm, output projection.
 
 Every parameter lives in the model's parameter store (`self.store`, rgpt/params.py): flat master weights
 and gradients, and under mixed precision the Linear layers' bfloat16 working copy. Write weights through
@@ -6,29 +6,76 @@ the store, never through `self.params`. Names follow nanoGPT (``wte.weight``, ``
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from rgpt.attention import CausalSelfAttention, KVCache
-from rgpt.layers import MLP, Dropout, Embedding, LayerNorm, Linear, sinusoidal_positions
+from rgpt.layers import MLP, NORMS, Dropout, Embedding, Linear, TiedHead, sinusoidal_positions
 from rgpt.loss import IGNORE_INDEX, CrossEntropy
 from rgpt.params import ParamStore
+
+# the choices of each architecture option; the first is the default (the reference's architecture)
+CHOICES = {
+    "activation": ("relu", "gelu", "swiglu"),  # feed-forward nonlinearity (rgpt.layers.MLP)
+    "norm": ("layernorm", "rmsnorm"),  # the blocks' and the final normalisation (rgpt.layers.NORMS)
+    "pos": ("sinusoidal", "rope"),  # fixed sinusoids added to the input, or q/k rotations (rgpt.attention)
+    "attn": ("standard", "flash"),  # the (T, T) softmax, or FlashAttention's tiles (rgpt.flash)
+}
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int
-    n_embd: int = 512  # the reference's documented model
-    n_head: int = 8
-    n_layer: int = 4
-    n_hidden: int = 1024  # feed-forward width
+    """The architecture: the one definition of every model setting, its default and its check.
+
+    conf/model/*.yaml override these fields (and nothing else: an unknown key is an error); checkpoints
+    record them, and loading one builds the architecture it records (a key it predates takes the default).
+    """
+
+    vocab_size: int = 0  # set from the tokenizer at start-up, never in a YAML
+    n_embd: int = 512  # width of the residual stream (the reference's documented model)
+    n_head: int = 8  # attention heads; n_embd / n_head is the head size
+    n_layer: int = 4  # transformer blocks
+    n_hidden: int = 1024  # feed-forward width (swiglu uses 2/3 of it, keeping the parameter count)
     block_size: int = 256  # context window in tokens
-    dropout: float = 0.1
-    activation: str = "relu"  # "relu" as in the reference, or "gelu"
+    dropout: float = 0.1  # inverted dropout on both residual branches; a run's choice, not a checkpoint's
+    activation: str = "relu"  # relu as in the reference; gelu or swiglu
+    norm: str = "layernorm"  # layernorm as in the reference; rmsnorm
+    pos: str = "sinusoidal"  # sinusoidal as in the reference; rope
+    tie_embeddings: bool = False  # lm_head shares wte's weight (rgpt.layers.TiedHead)
+    attn: str = "standard"  # standard; flash computes the same in tiles, in O(T) memory
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """From a checkpoint's record: keys it predates take their defaults; an unknown key is a ValueError."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model setting {unknown[0]} (a newer rgpt's checkpoint?)")
+        return cls(**d).validate()
+
+    def validate(self, allow_no_vocab=False) -> "GPTConfig":
+        """Raise ValueError('model.<key>=<value>: why') for the first bad field; return self."""
+
+        def check(ok, key, why):
+            if not ok:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: {why}")
+
+        check(self.vocab_size >= (0 if allow_no_vocab else 1), "vocab_size", "must be a positive integer")
+        for key in ("n_embd", "n_head", "n_layer", "n_hidden", "block_size"):
+            check(getattr(self, key) >= 1, key, "must be a positive integer")
+        check(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        for key, choices in CHOICES.items():
+            check(getattr(self, key) in choices, key, f"must be one of {', '.join(choices)}")
+        check(
+            self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+            "pos",
+            f"rope rotates pairs of channels: the head size n_embd/n_head={self.n_embd // self.n_head} must be even",
+        )
+        return self
 
 
 class Block:
@@ -37,12 +84,20 @@ class Block:
     def __init__(self, cfg: GPTConfig, generator, *, device, dtype):
         std, proj_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections scaled by depth
         kw = dict(device=device, dtype=dtype)
-        self.ln_1 = LayerNorm(cfg.n_embd, **kw)
+        Norm = NORMS[cfg.norm]
+        self.ln_1 = Norm(cfg.n_embd, **kw)
         self.attn = CausalSelfAttention(
-            cfg.n_embd, cfg.n_head, cfg.block_size, std=std, proj_std=proj_std, **kw
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.block_size,
+            std=std,
+            proj_std=proj_std,
+            rope=cfg.pos == "rope",
+            flash=cfg.attn == "flash",
+            **kw,
         )
         self.drop_1 = Dropout(cfg.dropout, generator)
-        self.ln_2 = LayerNorm(cfg.n_embd, **kw)
+        self.ln_2 = Norm(cfg.n_embd, **kw)
         self.mlp = MLP(cfg.n_embd, cfg.n_hidden, activation=cfg.activation, std=std, proj_std=proj_std, **kw)
         self.drop_2 = Dropout(cfg.dropout, generator)
 
@@ -74,7 +129,7 @@ class GPT:
     """A GPT whose every gradient is written by hand. Initialised from torch's global RNG."""
 
     def __init__(self, cfg: GPTConfig, device="cpu", dtype=torch.float32, compute_dtype=None):
-        self.config = cfg
+        self.config = cfg.validate()
         self.device, self.dtype = torch.device(device), dtype
         self.compute_dtype = compute_dtype or dtype  # dtype of the matrix products
         kw = dict(device=self.device, dtype=dtype)
@@ -84,10 +139,14 @@ class GPT:
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
         # tokens get the same per-channel energy as the sinusoids (RMS sqrt(1/2)), so neither drowns the other
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd, std=math.sqrt(0.5), **kw)
-        self.wpe = sinusoidal_positions(cfg.block_size, cfg.n_embd, **kw)  # (T_max, C), fixed, not learned
+        # (T_max, C) fixed, not learned; rope models rotate q and k inside attention instead
+        self.wpe = sinusoidal_positions(cfg.block_size, cfg.n_embd, **kw) if cfg.pos == "sinusoidal" else None
         self.h = [Block(cfg, self.generator, **kw) for _ in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.n_embd, **kw)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, **kw)
+        self.ln_f = NORMS[cfg.norm](cfg.n_embd, **kw)
+        if cfg.tie_embeddings:
+            self.lm_head = TiedHead(cfg.n_embd, cfg.vocab_size, **kw)
+        else:
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, **kw)
         self.criterion = CrossEntropy()
         self._bind_params()
         self.training = True
@@ -101,16 +160,23 @@ class GPT:
         yield from _walk("lm_head", self.lm_head)
 
     def _bind_params(self):
-        """Hand every parameter to the store and point each layer at its views there (see rgpt.params)."""
-        owned = [
-            (f"{p}.{k}", layer, k) for p, layer in self._named_layers() for k in getattr(layer, "params", {})
-        ]
-        entries = [(name, layer.params[k], layer.low_precision) for name, layer, k in owned]
+        """Hand every parameter to the store and point each layer at its views there (see rgpt.params).
+
+        A layer's `tied` keys (TiedHead's weight) are not parameters of their own but the named one's:
+        the layer gets that parameter's views, so both uses read one weight and add into one gradient.
+        """
+        layers = list(self._named_layers())
+        owned = [(f"{p}.{k}", layer, k) for p, layer in layers for k in getattr(layer, "params", {})]
+        shared = [(name, layer, k) for _, layer in layers for k, name in getattr(layer, "tied", {}).items()]
+        low = {name for name, layer, _ in owned + shared if layer.low_precision}
+        entries = [(name, layer.params[k], name in low) for name, layer, k in owned]
         self.store = ParamStore(
             entries, device=self.device, dtype=self.dtype, compute_dtype=self.compute_dtype
         )
-        for name, layer, k in owned:
-            layer.params[k] = self.store.compute_view(name)
+        for name, layer, k in owned + shared:
+            layer.params[k] = (
+                self.store.compute_view(name) if layer.low_precision else self.store.params[name]
+            )
             layer.grads[k] = self.store.grads[name]
         self.params, self.grads = self.store.params, self.store.grads  # name -> master weight / gradient
 
@@ -133,12 +199,17 @@ class GPT:
             block.drop_1.training = block.drop_2.training = training
 
     # ---- training: forward and backward --------------------------------------------------------
+    def _embed(self, idx, start):
+        """Token embeddings of idx (B, T), plus the sinusoids of positions start .. start + T - 1."""
+        x = self.wte.forward(idx)  # (B, T, C)
+        return x if self.wpe is None else x + self.wpe[start : start + idx.shape[1]]
+
     def forward(self, idx, targets=None):
         """idx (B, T) long -> logits (B, T, V); with targets (B, T), the mean NLL over targets != -100."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        x = self.wte.forward(idx) + self.wpe[:T]  # (B, T, C)
+        x = self._embed(idx, 0)  # (B, T, C)
         for block in self.h:
             x = block.forward(x)
         x = self.ln_f.forward(x)  # (B, T, C)
@@ -181,7 +252,7 @@ class GPT:
         dx = self.ln_f.backward(dx)  # (B, T, C)
         for block in reversed(self.h):
             dx = block.backward(dx)
-        self.wte.backward(dx)  # the positional table is fixed: nothing to accumulate there
+        self.wte.backward(dx)  # the positional table (if any) is fixed: nothing to accumulate there
 
     # ---- inference with a KV cache ----------------------------------------------------------------
     def new_kv_caches(self, batch, max_len=None):
@@ -209,7 +280,7 @@ class GPT:
         start, T = caches[0].length, idx.shape[1]
         if start + T > self.config.block_size:
             raise ValueError(f"KV cache overflow: {start} + {T} > block_size {self.config.block_size}")
-        x = self.params["wte.weight"][idx] + self.wpe[start : start + T]  # (B, T, C)
+        x = self._embed(idx, start)  # (B, T, C)
         for block, cache in zip(self.h, caches):
             x = block.forward_cached(x, cache)
         if last_only:

@@ -4,6 +4,7 @@ Returns a plain `Start` record; the trainer never has to know which of the cases
 """
 
 import base64
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,21 +34,22 @@ def _compute_dtype(cfg: RunConfig):
 
 
 def _model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
-    settings = {k: v for k, v in vars(cfg.model).items() if k != "name"}
-    return GPTConfig(vocab_size=vocab_size, **settings)
+    return dataclasses.replace(cfg.model, vocab_size=vocab_size)
 
 
 def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log) -> Start:
     meta = ckpt.read_state(path)
-    arch = dict(meta["model_config"])
-    wanted = _model_config(cfg, arch["vocab_size"]).to_dict()
-    if {k: v for k, v in arch.items() if k != "dropout"} != {
-        k: v for k, v in wanted.items() if k != "dropout"
-    }:
-        diff = ", ".join(f"{k}={arch[k]} (config {wanted[k]})" for k in arch if arch[k] != wanted.get(k))
-        log(f"notice: using the checkpoint's architecture: {diff}")
-    arch["dropout"] = cfg.model.dropout  # regularisation is the run's choice, not the checkpoint's
-    model = GPT(GPTConfig(**arch), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
+    saved = ckpt.model_config(meta, path)
+    wanted = _model_config(cfg, saved.vocab_size).to_dict()
+    diff = [
+        f"{k}={v} (config {wanted[k]})"
+        for k, v in saved.to_dict().items()
+        if k != "dropout" and v != wanted[k]
+    ]
+    if diff:
+        log(f"notice: using the checkpoint's architecture: {', '.join(diff)}")
+    arch = dataclasses.replace(saved, dropout=cfg.model.dropout)  # regularisation is the run's choice
+    model = GPT(arch, device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
     # a LoRA checkpoint holds adapters only: the model is its base's (the trainer adds the adapters)
     ckpt.load_weights(model, base_of(meta, path) if ckpt.ADAPTER in meta["files"] else path)
     tok = Tokenizer.load(path / ckpt.VOCAB)

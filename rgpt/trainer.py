@@ -15,7 +15,7 @@ import torch
 
 from rgpt import checkpoint as ckpt
 from rgpt.config import RunConfig
-from rgpt.data import Batcher, DataConfig, prepare
+from rgpt.data import Batcher, prepare
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
 from rgpt.monitor import Monitor, Timers, estimate_eta, format_seconds, peak_memory_mb, ppl
@@ -84,21 +84,8 @@ class Trainer:
     def _load_data(self) -> None:
         """The stage's train and validation sets and their batchers (the token sets, cached on disk)."""
         cfg, m, pin = self.cfg, self.model, self.device.type == "cuda"
-        data_cfg = DataConfig(
-            files=list(cfg.data.files),
-            kind="pretrain" if cfg.stage == "pretrain" else "sft",  # lora learns the dialogues as sft does
-            val_fraction=cfg.data.val_fraction,
-            val_files=list(cfg.data.val_files),
-            assistant_only_loss=cfg.data.assistant_only_loss,
-            pack=cfg.data.pack,
-            replay_files=list(cfg.data.replay_files),
-            replay_fraction=cfg.data.replay_fraction,
-        )
         self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(
-                data_cfg, self.tok, m.config.block_size, cfg.data.cache_dir, self.log, cfg.data.workers
-            ),
-            "data cache",
+            lambda: prepare(cfg.data, self.tok, m.config.block_size, self.log), "data cache"
         )
         self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
         self.val_batches = Batcher(

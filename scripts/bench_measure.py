@@ -38,8 +38,8 @@ def model_config(name: str, vocab_size: int, dropout: float) -> GPTConfig:
     if name == "quick":
         arch = dict(TINY)
     else:
-        arch = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text(encoding="utf-8"))
-        arch.pop("name")
+        arch = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+        arch.pop("defaults", None)  # the rest is what the preset changes from GPTConfig's defaults
     arch["dropout"] = dropout
     return GPTConfig(vocab_size=vocab_size, **arch)
 
@@ -81,8 +81,9 @@ def random_batch(cfg: GPTConfig, B: int, T: int, device, seed: int = 0):
 def corpus_batch(tok, files, kind: str, cfg: GPTConfig, batch_size: int, cache_dir, device):
     """The median-size micro-batch of a corpus epoch exactly as training builds it: length-bucketed and
     padded, and for dialogues with the user's turns masked out of the targets (as the sft stage does)."""
-    data = DataConfig(files=list(files), kind=kind, val_files=list(files))  # all documents; val unused
-    train, _ = prepare(data, tok, cfg.block_size, cache_dir, log=lambda *a, **k: None)
+    # all documents; val unused
+    data = DataConfig(files=list(files), kind=kind, val_files=list(files), cache_dir=str(cache_dir))
+    train, _ = prepare(data, tok, cfg.block_size, log=lambda *a, **k: None)
     batches = sorted(Batcher(train, batch_size, seed=0).epoch(0), key=lambda b: b.idx.numel())
     b = batches[len(batches) // 2]
     return b.idx.to(device), b.targets.to(device)
@@ -326,9 +327,7 @@ def epoch_seconds(tok, files, cfg, device, cache_dir, batch_size=16, grad_accum=
     Adam, one host sync per step). Returns (seconds, tokens, optimizer steps); tokenization is cached
     beforehand and not timed."""
     log = log or (lambda *a: None)
-    train, _ = prepare(
-        DataConfig(files=list(files), kind="pretrain"), tok, cfg.block_size, cache_dir, log=log
-    )
+    train, _ = prepare(DataConfig(files=list(files), cache_dir=str(cache_dir)), tok, cfg.block_size, log=log)
     model = new_rgpt(cfg, device, "fp32")
     opt = Adam(model.store)
     batches = Batcher(train, batch_size, seed=0, pin_memory=device.type == "cuda")

@@ -11,3 +11,11 @@ def _seed_and_no_grad():
     torch.manual_seed(1234)
     with torch.no_grad():
         yield
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """FlashAttention in 4-row tiles, so the tests' short sequences span several (and a ragged last one)."""
+    from rgpt import flash
+
+    monkeypatch.setattr(flash, "TILE", 4)

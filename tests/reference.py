@@ -20,10 +20,23 @@ def sinusoids(n_pos, n_embd):
     return pe
 
 
+def rope(x, start=0):
+    """Rotary embedding written from the complex form: pair j = (x_j, x_{j+D/2}) as x_j + i x_{j+D/2},
+    multiplied by exp(i * pos * 10000^(-2j/D))."""
+    T, D = x.shape[-2], x.shape[-1]
+    pos = torch.arange(start, start + T, dtype=torch.float64)[:, None]
+    theta = pos * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (T, D/2)
+    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double()) * torch.polar(
+        torch.ones_like(theta), theta
+    )
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
 class RefAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
+        self.rope = getattr(cfg, "pos", "sinusoidal") == "rope"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -31,6 +44,8 @@ class RefAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            q, k = rope(q), rope(k)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         if key_padding_mask is not None:
@@ -44,20 +59,31 @@ class RefAttention(nn.Module):
 class RefMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_hidden)
-        self.c_proj = nn.Linear(cfg.n_hidden, cfg.n_embd)
+        self.swiglu = cfg.activation == "swiglu"
+        width = round(2 * cfg.n_hidden / 3) if self.swiglu else cfg.n_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width)
+        self.c_proj = nn.Linear(width, cfg.n_embd)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
 
     def forward(self, x):
+        if self.swiglu:
+            g, u = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(g) * u)
         return self.c_proj(self.act(self.c_fc(x)))
+
+
+def norm(cfg):
+    if getattr(cfg, "norm", "layernorm") == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd)
 
 
 class RefBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.ln_1 = norm(cfg)
         self.attn = RefAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.ln_2 = norm(cfg)
         self.mlp = RefMLP(cfg)
 
     def forward(self, x, masks=None):
@@ -66,19 +92,35 @@ class RefBlock(nn.Module):
         return x + self.mlp(self.ln_2(x)) * m2
 
 
+class TiedHead(nn.Module):
+    """logits = x @ wte.T / sqrt(C) + b: only the bias is its own."""
+
+    def __init__(self, wte):
+        super().__init__()
+        self.wte = [wte]  # a list, so the embedding is not registered twice
+        self.bias = nn.Parameter(torch.zeros(wte.num_embeddings))
+
+    def forward(self, x):
+        return F.linear(x / math.sqrt(x.shape[-1]), self.wte[0].weight, self.bias)
+
+
 class RefGPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.sinusoidal = getattr(cfg, "pos", "sinusoidal") == "sinusoidal"
         self.register_buffer("wpe", sinusoids(cfg.block_size, cfg.n_embd).float(), persistent=False)
         self.h = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.ln_f = norm(cfg)
+        tied = getattr(cfg, "tie_embeddings", False)
+        self.lm_head = TiedHead(self.wte) if tied else nn.Linear(cfg.n_embd, cfg.vocab_size)
 
     def forward(self, idx, targets=None, dropout_masks=None):
         T = idx.shape[1]
-        x = self.wte(idx) + self.wpe[:T].to(self.wte.weight.dtype)
+        x = self.wte(idx)
+        if self.sinusoidal:
+            x = x + self.wpe[:T].to(self.wte.weight.dtype)
         for i, block in enumerate(self.h):
             x = block(x, None if dropout_masks is None else dropout_masks[i])
         logits = self.lm_head(self.ln_f(x))

@@ -1,6 +1,7 @@
 """Batches: targets and masks on a hand-made example, padding, bucketing, deterministic order, resume."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ def sft_set(tmp_path, dialogues, assistant_only_loss=True):
     lines = [{"conversations": [{"role": r, "content": c} for r, c in d]} for d in dialogues]
     path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
     cfg = DataConfig([str(path)], "sft", val_files=[str(path)], assistant_only_loss=assistant_only_loss)
-    train, _ = prepare(cfg, tok, BLOCK, tmp_path / "cache", log=lambda m: None)
+    train, _ = prepare(replace(cfg, cache_dir=tmp_path / "cache"), tok, BLOCK, log=lambda m: None)
     return train, tok
 
 
@@ -57,9 +58,8 @@ def pretrain_set(tmp_path_factory):
     docs = [f"{'今天天气很好' * (i % 13 + 1)}，第{i}天。" for i in range(300)]
     tok = Tokenizer.build(docs, min_freq=2, idioms=())
     (tmp / "p.txt").write_text("\n".join(docs), encoding="utf-8")
-    train, _ = prepare(
-        DataConfig([str(tmp / "p.txt")], "pretrain", val_fraction=0.1), tok, 32, tmp / "c", log=lambda m: None
-    )
+    cfg = DataConfig([str(tmp / "p.txt")], "pretrain", val_fraction=0.1, cache_dir=tmp / "c")
+    train, _ = prepare(cfg, tok, 32, log=lambda m: None)
     return train
 
 

@@ -1,6 +1,7 @@
 """python -m rgpt.chat on a tiny trained checkpoint: one-shot, piped and interactive (through a pty) runs
 of the real CLI, plus the conversation logic (/clear, /set, history trimming) in-process."""
 
+import dataclasses
 import os
 import pty
 import re
@@ -11,9 +12,19 @@ import time
 
 import pytest
 import torch
+import yaml
 
-from rgpt.chat import Chat, ChatConfig, Conversation, hydra_quote, open_model, quote_text_overrides
-from rgpt.cli import ConfigError
+from rgpt.chat import (
+    SETTABLE,
+    Chat,
+    ChatConfig,
+    Conversation,
+    hydra_quote,
+    open_model,
+    quote_text_overrides,
+    set_decode,
+)
+from rgpt.cli import CONF_DIR, ConfigError
 from rgpt.generate import DecodeConfig
 from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, save_tiny, trained
@@ -269,3 +280,14 @@ def test_open_model_resolves_run_directories(tiny_run):
         model, _, path = open_model(given, out_dir, torch.device("cpu"))
         assert path == ckpt, f"{given} resolved to {path}"
     assert open_model(None, out_dir, torch.device("cpu"))[2] == ckpt
+
+
+def test_every_decoding_setting_is_settable_with_set_and_in_the_yaml():
+    """DecodeConfig is the one list: /set, conf/decode.yaml and serve's keys all follow its fields."""
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    assert set(SETTABLE) == names
+    yaml_keys = set(yaml.safe_load((CONF_DIR / "decode.yaml").read_text(encoding="utf-8"))) - {
+        "context_tokens"
+    }
+    assert yaml_keys == names, f"conf/decode.yaml lacks {names - yaml_keys} or has extra {yaml_keys - names}"
+    assert set_decode(DecodeConfig(), "min_new_tokens", "3").min_new_tokens == 3

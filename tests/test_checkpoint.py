@@ -2,6 +2,7 @@
 skipping damaged ones, pruning, and atomicity under SIGKILL at random moments during `save`."""
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -254,3 +255,42 @@ def test_a_checkpoint_from_the_other_kind_of_device_resumes_with_fresh_dropout_m
         states.append(model.generator.get_state())
     assert torch.equal(states[0], states[1]), "the fresh masks must follow from the checkpoint"
     assert not torch.equal(states[0], before)
+
+
+PRE_OPTIONS = ("vocab_size", "n_embd", "n_head", "n_layer", "n_hidden", "block_size", "dropout", "activation")
+
+
+def test_a_checkpoint_from_before_the_architecture_options_loads_with_the_same_logits(saved):
+    """state.json of an older rgpt records only the original fields: the defaults are the old architecture."""
+    path, model, _, _ = saved
+    state = json.loads((path / ckpt.STATE).read_text(encoding="utf-8"))
+    state["model_config"] = {k: state["model_config"][k] for k in PRE_OPTIONS}
+    (path / ckpt.STATE).write_text(json.dumps(state), encoding="utf-8")
+    loaded, _, _ = ckpt.load_model(path)
+    assert loaded.config == model.config
+    model.eval()
+    idx = torch.randint(0, 20, (2, 8))
+    assert torch.equal(loaded.forward(idx), model.forward(idx))
+
+
+def test_a_checkpoint_records_its_architecture_and_loading_follows_it(tmp_path):
+    cfg = GPTConfig(vocab_size=20, n_embd=16, n_head=2, n_layer=1, n_hidden=32, block_size=8, dropout=0.0)
+    arch = dict(pos="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=True, attn="flash")
+    model = GPT(dataclasses.replace(cfg, **arch))
+    tok = Tokenizer.build(["你好世界"], min_freq=1, idioms=())
+    path = ckpt.save(tmp_path, "best", 1, model, tok, {})
+    loaded, _, _ = ckpt.load_model(path)
+    assert all(getattr(loaded.config, k) == v for k, v in arch.items())
+    assert "lm_head.weight" not in loaded.params, "a tied head has no weight of its own"
+    model.eval()
+    idx = torch.randint(0, 20, (2, 8))
+    assert torch.equal(loaded.forward(idx), model.forward(idx))
+
+
+def test_a_checkpoint_with_an_unknown_model_setting_is_a_one_line_error(saved):
+    path = saved[0]
+    state = json.loads((path / ckpt.STATE).read_text(encoding="utf-8"))
+    state["model_config"]["moe_experts"] = 8
+    (path / ckpt.STATE).write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="unknown model setting moe_experts"):
+        ckpt.load_model(path)

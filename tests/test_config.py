@@ -4,11 +4,14 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 import rgpt.train  # noqa: F401  (importing the entry point registers the ${corpus:...} resolver)
 from rgpt.cli import CONF_DIR, CORPUS_DIR, ConfigError
 from rgpt.config import RunConfig
+from rgpt.data import DataConfig
+from rgpt.model import GPTConfig
 from rgpt.train import load_run_config
 
 
@@ -44,7 +47,7 @@ def test_each_stage_composes_into_a_valid_run_config(stage, lr, grad_accum):
     assert run.train.freeze_attn is False
     assert run.train.max_steps is None
     assert run.resume is False and run.resume_from is None
-    assert run.model.name == "base" and run.model.n_embd == 512
+    assert run.model == GPTConfig(), "model=base is GPTConfig's defaults"
     # ${corpus:<stage>} resolved to the built-in corpus directory of this stage
     assert [Path(f) for f in run.data.files] == [CORPUS_DIR / stage]
     assert Path(run.data.files[0]).is_dir()
@@ -63,7 +66,7 @@ def test_each_stage_composes_into_a_valid_run_config(stage, lr, grad_accum):
 def test_quick_preset_is_a_small_pretraining_run_without_checkpoints():
     run = run_config("+preset=quick")
     assert run.stage == "pretrain"
-    assert run.model.name == "small" and run.model.n_embd == 256 and run.model.n_layer == 2
+    assert run.model.n_embd == 256 and run.model.n_layer == 2
     assert run.checkpoint.strategy == "none"
     assert run.run_name == "quick"
     assert run.train.max_epochs == 3
@@ -94,6 +97,15 @@ def test_command_line_values_are_coerced_to_the_declared_types():
         ("+train.bogus=1", "train.bogus"),
         ("+bogus=1", "bogus"),
         ("allocator=jemalloc", "allocator"),
+        ("model.pos=alibi", "model.pos"),
+        ("model.norm=batchnorm", "model.norm"),
+        ("model.activation=tanh", "model.activation"),
+        ("model.attn=sparse", "model.attn"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings"),
+        ("model.n_head=5", "model.n_head"),
+        ("+model.vocab_size=100", "model.vocab_size"),
+        ("+model.name=base", "model.name"),
+        ("model=tiny model.pos=rope model.n_head=32", "model.pos"),  # head size 1: no pairs to rotate
         ("stage=pretrain", None),  # control: valid
     ],
 )
@@ -102,10 +114,36 @@ def test_bad_values_are_one_line_config_errors_naming_the_key(override, key):
         run_config(override)
         return
     with pytest.raises(ConfigError) as e:
-        run_config(override)
+        run_config(*override.split())
     message = str(e.value)
     assert key in message, f"{override}: message does not name {key}: {message}"
     assert "\n" not in message
+
+
+MODEL_YAMLS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", MODEL_YAMLS)
+def test_model_yamls_only_override_the_one_schema(name):
+    """Each conf/model preset composes into a valid GPTConfig and names only what differs from its defaults."""
+    run = run_config(f"model={name}")
+    assert isinstance(run.model, GPTConfig)
+    raw = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text(encoding="utf-8"))
+    assert raw.pop("defaults") == ["gptconfig", "_self_"], "each preset starts from GPTConfig's fields"
+    same = sorted(k for k, v in raw.items() if getattr(GPTConfig(), k) == v)
+    assert not same, f"conf/model/{name}.yaml repeats GPTConfig's defaults for {same}"
+
+
+def test_every_architecture_option_is_settable_from_the_command_line():
+    run = run_config(
+        "model.pos=rope",
+        "model.norm=rmsnorm",
+        "model.activation=swiglu",
+        "model.tie_embeddings=true",
+        "model.attn=flash",
+    )
+    assert (run.model.pos, run.model.norm, run.model.activation) == ("rope", "rmsnorm", "swiglu")
+    assert run.model.tie_embeddings is True and run.model.attn == "flash"
 
 
 def test_unknown_stage_in_a_dict_is_refused():
@@ -120,3 +158,30 @@ def test_data_pack_is_for_pretraining_only():
     with pytest.raises(ConfigError) as e:
         run_config("stage=sft", "data.pack=true")
     assert "data.pack" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def same(yaml_value, default) -> bool:
+    """Equal, reading PyYAML's strings like '5e-4' (YAML 1.1 has no exponent floats) as numbers."""
+    if isinstance(yaml_value, str) and isinstance(default, float):
+        try:
+            return float(yaml_value) == default
+        except ValueError:
+            return False
+    return yaml_value == default
+
+
+def test_config_yaml_documents_the_dataclass_defaults_without_drifting_from_them():
+    """conf/config.yaml lists every key with its comment; its values must be the dataclasses' defaults."""
+    raw = yaml.safe_load((CONF_DIR / "config.yaml").read_text(encoding="utf-8"))
+    groups = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type)}
+    drift = []
+    for key, value in raw.items():
+        if key in ("defaults", "hydra"):
+            continue
+        if key in groups:
+            default = groups[key]() if key != "data" else DataConfig()
+            pairs = [(f"{key}.{k}", v, getattr(default, k)) for k, v in value.items()]
+        else:
+            pairs = [(key, value, next(f.default for f in dataclasses.fields(RunConfig) if f.name == key))]
+        drift += [(k, v, d) for k, v, d in pairs if "${" not in str(v) and not same(v, d)]
+    assert not drift, f"conf/config.yaml and the dataclasses disagree (key, yaml, default): {drift}"

@@ -1,6 +1,7 @@
 """Token sets: windows, splits, and the on-disk cache (hit, miss, invalidation)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ class Log(list):
 
 def run(cfg, tok, tmp_path, block_size=64):
     log = Log()
-    train, val = prepare(cfg, tok, block_size, tmp_path / "cache", log=log)
+    train, val = prepare(replace(cfg, cache_dir=tmp_path / "cache"), tok, block_size, log=log)
     assert len(log) == 1, f"expected one log line, got {log}"
     return train, val, log[0]
 
@@ -130,11 +131,11 @@ def test_val_files_are_the_validation_set(tmp_path, tok):
     assert val.n_chars == sum(len(d) for d in DOCS[30:])
 
 
-@pytest.mark.parametrize("fraction, split", [(0.0, "val"), (1.0, "train")])
+@pytest.mark.parametrize("fraction, split", [(1e-12, "val"), (1 - 1e-12, "train")])
 def test_empty_split_is_an_error(tmp_path, tok, fraction, split):
     cfg = DataConfig([write_lines(tmp_path / "t.txt", DOCS)], "pretrain", val_fraction=fraction)
     with pytest.raises(CorpusError, match=f"empty {split} split of .*t.txt"):
-        prepare(cfg, tok, 64, tmp_path / "cache", log=lambda m: None)
+        prepare(replace(cfg, cache_dir=tmp_path / "cache"), tok, 64, log=lambda m: None)
     assert list((tmp_path / "cache").iterdir()) == [], "a failed preparation left files in the cache"
 
 
@@ -187,4 +188,8 @@ def test_replay_adds_whole_documents_to_the_sft_training_split_only(tmp_path, to
 def test_replay_is_for_sft_only(tmp_path, tok):
     pre = write_lines(tmp_path / "p.txt", DOCS)
     with pytest.raises(ValueError, match="sft only"):
-        prepare(DataConfig([pre], "pretrain", replay_files=[pre], replay_fraction=0.1), tok, 64, tmp_path)
+        prepare(
+            DataConfig([pre], "pretrain", replay_files=[pre], replay_fraction=0.1, cache_dir=tmp_path),
+            tok,
+            64,
+        )

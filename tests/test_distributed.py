@@ -353,3 +353,23 @@ def test_a_lost_rank_ends_the_job_with_a_message_instead_of_a_hang(runner, tmp_p
             assert (
                 "error: rank 0 of 2: all-reduce failed: another rank died or did not answer within " in out
             ), out
+
+
+ALL_OPTIONS = (
+    "model.pos=rope",
+    "model.norm=rmsnorm",
+    "model.activation=swiglu",
+    "model.tie_embeddings=true",
+    "model.attn=flash",
+)
+
+
+@pytest.mark.slow
+def test_the_architecture_options_train_alike_on_two_processes(runner, tmp_path_factory):
+    """Every option at once (a tied weight's two gradients, rotated keys, flash tiles) under torchrun."""
+    one, two = tmp_path_factory.mktemp("opts1"), tmp_path_factory.mktemp("opts2")
+    runner.run(one, 1, "train.max_epochs=1", *ALL_OPTIONS)
+    runner.run(two, 2, "train.max_epochs=1", *ALL_OPTIONS)
+    state = ckpt.read_state(checkpoint(one, "final"))
+    assert state["model_config"]["pos"] == "rope" and state["model_config"]["tie_embeddings"] is True
+    assert_same_training(two, one, "all architecture options: 2 processes vs 1")

@@ -1,6 +1,7 @@
 """Segmenting in parts and in worker processes gives exactly what one pass in one process gives."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def test_tokenizing_in_two_processes_writes_the_same_arrays_as_one(tmp_path, mon
     out = {}
     for workers in (1, 2):
         log = []
-        out[workers] = prepare(cfg, tok, 24, tmp_path / f"cache{workers}", log=log.append, workers=workers)
+        here = replace(cfg, cache_dir=tmp_path / f"cache{workers}", workers=workers)
+        out[workers] = prepare(here, tok, 24, log=log.append)
         assert log[-1].startswith("tokenized") and "chars/s" in log[-1], log
     for one, two in zip(out[1], out[2]):
         assert one.n_seqs > 1 and one.stats == two.stats

@@ -11,6 +11,7 @@ import torch
 from rgpt.cli import ConfigError
 from rgpt.data import CorpusError
 from rgpt.eval import EvalConfig, Scorer, char_f1, evaluate, windows
+from rgpt.generate import DecodeConfig
 from rgpt.model import GPT, GPTConfig
 from rgpt.tokenizer import BOS_ID, EOS_ID, UNK_ID
 from tests import fixtures_ckpt
@@ -187,3 +188,19 @@ def test_char_f1():
     assert char_f1("一年有四个季节。", "一年有五个季节。") == pytest.approx(7 / 8)
     assert char_f1("好好", "好") == pytest.approx(2 * (1 / 2) * 1 / (1 / 2 + 1))  # multiset: one 好 shared
     assert char_f1("", "答案") == 0.0 and char_f1("", "") == 1.0 and char_f1("甲", "乙") == 0.0
+
+
+def test_every_decoding_setting_reaches_eval_from_the_one_list():
+    """conf/decode.yaml's keys (DecodeConfig's fields) are eval's too: no second list to forget one in."""
+    cfg = EvalConfig.from_dict(
+        {
+            "data": {"path": "x.txt"},
+            "method": "beam",
+            "beam_width": 3,
+            "min_new_tokens": 2,
+            "max_new_tokens": 7,
+        }
+    )
+    assert (cfg.decode.method, cfg.decode.beam_width, cfg.decode.min_new_tokens) == ("beam", 3, 2)
+    assert cfg.decode.max_new_tokens == 7
+    assert EvalConfig.from_dict({"data": {"path": "x.txt"}}).decode == DecodeConfig(), "defaults: greedy"

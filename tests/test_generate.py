@@ -28,15 +28,37 @@ one_thread = fixtures_ckpt.one_thread  # autouse: tiny tensors run fastest on on
 DT = torch.float64
 
 
-def tiny_model(vocab_size=23, block_size=12, sharpen=1.0):
+# the architecture options that change what the KV cache holds or where positions enter
+ARCHS = {
+    "default": {},
+    "rope": {"pos": "rope"},
+    "all": {
+        "pos": "rope",
+        "norm": "rmsnorm",
+        "activation": "swiglu",
+        "tie_embeddings": True,
+        "attn": "flash",
+    },
+}
+
+
+def tiny_model(vocab_size=23, block_size=12, sharpen=1.0, **arch):
     cfg = GPTConfig(
-        vocab_size=vocab_size, n_embd=16, n_head=4, n_layer=2, n_hidden=24, block_size=block_size, dropout=0.0
+        vocab_size=vocab_size,
+        n_embd=16,
+        n_head=4,
+        n_layer=2,
+        n_hidden=24,
+        block_size=block_size,
+        dropout=0.0,
+        **arch,
     )
     model = GPT(cfg, dtype=DT)
     for name, p in model.params.items():  # non-trivial LayerNorms and biases, as in test_model
         if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
             p.add_(torch.randn_like(p) * 0.3)
-    model.params["lm_head.weight"].mul_(sharpen)  # an untrained head gives near-ties; sharpen separates them
+    head = model.params.get("lm_head.weight", model.params["wte.weight"])  # tied: the embedding is the head
+    head.mul_(sharpen)  # an untrained head gives near-ties; sharpen separates them
     model.eval()
     return model
 
@@ -89,8 +111,9 @@ def full_logprob(model, prompt, continuation):
 
 
 # ---- the KV cache and the sliding window ----------------------------------------------------------
-def test_cached_window_matches_full_recomputation_across_slides():
-    model = tiny_model(block_size=12)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_window_matches_full_recomputation_across_slides(arch):
+    model = tiny_model(block_size=12, **ARCHS[arch])
     cached, recomputed = Window(model, batch=2), Window(model, batch=2, use_cache=False)
     prompt = torch.randint(0, 23, (2, 7))
     # 32 tokens through a 12-token window
@@ -115,8 +138,9 @@ def test_prefill_of_a_prompt_longer_than_the_window_keeps_its_end():
     assert_close(logits, model.forward(prompt[:, -9:])[:, -1], "logits after a long prompt")
 
 
-def test_greedy_with_cache_equals_recomputation_and_the_naive_loop():
-    model = tiny_model(block_size=12, sharpen=20.0)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_with_cache_equals_recomputation_and_the_naive_loop(arch):
+    model = tiny_model(block_size=12, sharpen=20.0, **ARCHS[arch])
     prompt = [2, 4, 9, 1]
     cfg = DecodeConfig(max_new_tokens=30)
     fast = generate(model, prompt, cfg, stop_ids=())

@@ -6,10 +6,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgpt.attention import CausalSelfAttention
-from rgpt.layers import FEW_ROWS, MLP, Dropout, Embedding, LayerNorm, Linear, _few_rows, sinusoidal_positions
+from rgpt.attention import CausalSelfAttention, Rotary, StandardCore
+from rgpt.flash import FlashCore
+from rgpt.layers import (
+    FEW_ROWS,
+    MLP,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    TiedHead,
+    _few_rows,
+    sinusoidal_positions,
+)
 from rgpt.loss import CrossEntropy
 from tests.helpers import assert_close, autograd_grads
+from tests.reference import rope
 
 DT = torch.float64
 KW = dict(device="cpu", dtype=DT)
@@ -226,3 +239,134 @@ def test_cross_entropy_is_stable_for_huge_logits():
     loss = ce.forward(logits.clone(), torch.tensor([[1]]))
     assert torch.isfinite(loss) and abs(loss.item() - 1e4) < 1e-2
     assert torch.isfinite(ce.backward()).all()
+
+
+# ---- architecture options -----------------------------------------------------------------------
+def test_rmsnorm():
+    ln = RMSNorm(6, **KW)
+    randomise(ln)
+    x, dy = torch.randn(3, 4, 6, dtype=DT) * 2 + 0.5, torch.randn(3, 4, 6, dtype=DT)
+    w = ln.params["weight"]
+    ref = lambda x, w: F.rms_norm(x, (6,), w, eps=1e-5)  # noqa: E731
+    assert_close(ln.forward(x), ref(x, w), "rmsnorm forward")
+    dx = ln.backward(dy)
+    _, (rdx, rdw) = autograd_grads(ref, [x, w], dy)
+    assert_close(dx, rdx, "rmsnorm dx")
+    assert_close(ln.grads["weight"], rdw, "rmsnorm dW")
+
+
+def test_swiglu_mlp_keeps_the_parameter_count_and_matches_autograd():
+    relu = MLP(6, 12, activation="relu", std=0.5, proj_std=0.5, **KW)
+    mlp = MLP(6, 12, activation="swiglu", std=0.5, proj_std=0.5, **KW)
+    count = lambda m: sum(p.numel() for s in m.sublayers().values() for p in s.params.values())  # noqa: E731
+    assert abs(count(mlp) - count(relu)) <= 0.05 * count(relu), f"{count(mlp)} vs {count(relu)} parameters"
+    randomise(mlp)
+    x, dy = torch.randn(3, 4, 6, dtype=DT), torch.randn(3, 4, 6, dtype=DT)
+    a, p = mlp.c_fc.params, mlp.c_proj.params
+    inputs = [x, a["weight"], a["bias"], p["weight"], p["bias"]]
+
+    def ref(x, w1, b1, w2, b2):
+        g, u = F.linear(x, w1, b1).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, w2, b2)
+
+    assert_close(mlp.forward(x), ref(*inputs), "swiglu forward")
+    dx = mlp.backward(dy)
+    _, (rdx, rw1, rb1, rw2, rb2) = autograd_grads(ref, inputs, dy)
+    assert_close(dx, rdx, "swiglu dx")
+    assert_close(mlp.c_fc.grads["weight"], rw1, "swiglu c_fc dW")
+    assert_close(mlp.c_fc.grads["bias"], rb1, "swiglu c_fc db")
+    assert_close(mlp.c_proj.grads["weight"], rw2, "swiglu c_proj dW")
+    assert_close(mlp.c_proj.grads["bias"], rb2, "swiglu c_proj db")
+
+
+def test_tied_head_scales_and_accumulates_into_the_shared_weight():
+    head = TiedHead(6, 9, **KW)
+    w = torch.randn(9, 6, dtype=DT)
+    head.params["weight"], head.grads["weight"] = w, torch.ones(9, 6, dtype=DT)  # bound as the model binds it
+    head.params["bias"].normal_()
+    x, dy = torch.randn(2, 3, 6, dtype=DT), torch.randn(2, 3, 9, dtype=DT)
+    ref = lambda x, w, b: F.linear(x / math.sqrt(6), w, b)  # noqa: E731
+    assert_close(head.forward(x), ref(x, w, head.params["bias"]), "tied head forward")
+    dx = head.backward(dy)
+    _, (rdx, rdw, rdb) = autograd_grads(ref, [x, w, head.params["bias"]], dy)
+    assert_close(dx, rdx, "tied head dx")
+    assert_close(head.grads["weight"], 1.0 + rdw, "tied head dW must add to what the embedding put there")
+    assert_close(head.grads["bias"], rdb, "tied head db")
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_rotary_matches_the_complex_form_and_its_backward_is_the_inverse(start):
+    rot = Rotary(8, 16, **KW)
+    x, dy = torch.randn(2, 3, 4, 8, dtype=DT), torch.randn(2, 3, 4, 8, dtype=DT)
+    assert_close(rot.rotate(x, start), rope(x, start), "rope forward vs complex multiplication")
+    _, (rdx,) = autograd_grads(lambda x: rope(x, start), [x], dy)
+    assert_close(rot.rotate(dy, start, inverse=True), rdx, "rope backward")
+    # relative positions: q_t . k_s depends on t - s only
+    q, k = torch.randn(8, dtype=DT).expand(1, 1, 16, 8), torch.randn(8, dtype=DT).expand(1, 1, 16, 8)
+    qr, kr = rot.rotate(q, 0), rot.rotate(k, 0)
+    assert_close((qr[0, 0, 7] * kr[0, 0, 4]).sum(), (qr[0, 0, 12] * kr[0, 0, 9]).sum(), "q_7.k_4 vs q_12.k_9")
+
+
+def test_attention_with_rope_matches_autograd():
+    B, T, C, H = 2, 6, 8, 2
+    attn = CausalSelfAttention(C, H, 16, std=0.5, proj_std=0.5, rope=True, **KW)
+    randomise(attn)
+    x, dy = torch.randn(B, T, C, dtype=DT), torch.randn(B, T, C, dtype=DT)
+    a, p = attn.c_attn.params, attn.c_proj.params
+    inputs = [x, a["weight"], a["bias"], p["weight"], p["bias"]]
+
+    def ref(x, wa, ba, wp, bp):
+        q, k, v = F.linear(x, wa, ba).split(C, dim=2)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        return F.linear(y.transpose(1, 2).reshape(B, T, C), wp, bp)
+
+    assert_close(attn.forward(x), ref(*inputs), "rope attention forward")
+    dx = attn.backward(dy)
+    _, (rdx, rwa, rba, _, _) = autograd_grads(ref, inputs, dy)
+    assert_close(dx, rdx, "rope attention dx")
+    assert_close(attn.c_attn.grads["weight"], rwa, "rope attention c_attn dW")
+    assert_close(attn.c_attn.grads["bias"], rba, "rope attention c_attn db")
+
+
+@pytest.mark.parametrize("T, tile", [(13, 4), (16, 4), (7, 64), (20, 6)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_equals_standard_in_values_and_gradients(T, tile, padded):
+    B, H, D = 3, 2, 5
+    q, k, v, dy = (torch.randn(B, H, T, D, dtype=DT) for _ in range(4))
+    kpm = None
+    if padded:  # row 1: left padding (its first queries see nothing); row 2: right padding; row 0 none
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        kpm[1, : T // 2 + 1] = True
+        kpm[2, T - 3 :] = True
+    std, fl = StandardCore(torch.ones(T, T, dtype=torch.bool).triu(1)), FlashCore(tile)
+    y_std, y_fl = std.forward(q, k, v, kpm), fl.forward(q, k, v, kpm)
+    assert torch.isfinite(y_fl).all()
+    assert_close(y_fl, y_std, "flash forward", rtol=0, atol=1e-10)
+    if padded:
+        assert torch.equal(y_fl[1, :, 0], torch.zeros_like(y_fl[1, :, 0])), "a fully masked row gives zeros"
+    for a, b, name in zip(fl.backward(dy), std.backward(dy), ("dq", "dk", "dv")):
+        assert torch.isfinite(a).all(), f"flash {name} has NaN/inf"
+        assert_close(a, b, f"flash {name}", rtol=0, atol=1e-10)
+
+
+def test_flash_never_allocates_the_full_score_matrix():
+    """No product in a flash forward + backward is larger than a tile: the (T, T) weights never exist."""
+    B, H, T, D = 1, 2, 512, 8
+    q, k, v, dy = (torch.randn(B, H, T, D, dtype=DT) for _ in range(4))
+    sizes = []
+    real_matmul = torch.matmul
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        sizes.append(out.numel())
+        return out
+
+    core = FlashCore(64)
+    torch.matmul = spy
+    try:
+        core.backward(core.forward(q, k, v) * 0 + dy)
+    finally:
+        torch.matmul = real_matmul
+    assert max(sizes) <= B * H * 64 * max(64, D), f"a product of {max(sizes)} elements: not tiled"
+    assert max(sizes) < B * H * T * T / 50

@@ -7,7 +7,7 @@ from rgpt import optim
 from rgpt.model import GPT
 from rgpt.optim import Adam, clip_grad_norm_
 from tests.reference import reference_from
-from tests.test_model import batch, make_model, tiny_config
+from tests.test_model import OPTIONS, batch, make_model, tiny_config
 
 # bfloat16 keeps 8 significant bits (relative spacing 2^-8 ~ 0.4%), so bf16 gradients cannot match float64
 # to 1e-6. The yardstick is PyTorch's own bf16 autocast on the reference model: our error against the
@@ -19,8 +19,10 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_bf16_gradients_match_float64_reference():
-    exact = make_model(n_embd=32, n_head=4, n_hidden=64)  # float64, non-trivial LayerNorm parameters
+@pytest.mark.parametrize("option", ["default", "all"])
+def test_bf16_gradients_match_float64_reference(option, small_tiles):
+    # float64, non-trivial norm parameters; "all": every architecture option at once
+    exact = make_model(n_embd=32, n_head=4, n_hidden=64, **OPTIONS[option])
     exact.eval()
     ref = reference_from(exact)
     idx, targets = batch(B=4, T=10)

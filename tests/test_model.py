@@ -17,6 +17,25 @@ def tiny_config(**kw):
     return GPTConfig(**{**base, **kw})
 
 
+# every architecture option alone, and all at once (flash with 4-row tiles, so T=10 spans three)
+OPTIONS = {
+    "default": {},
+    "gelu": {"activation": "gelu"},
+    "swiglu": {"activation": "swiglu"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "rope": {"pos": "rope"},
+    "tied": {"tie_embeddings": True},
+    "flash": {"attn": "flash"},
+    "all": {
+        "activation": "swiglu",
+        "norm": "rmsnorm",
+        "pos": "rope",
+        "tie_embeddings": True,
+        "attn": "flash",
+    },
+}
+
+
 def make_model(**kw):
     model = GPT(tiny_config(**kw), dtype=DT)
     for name, p in model.params.items():  # LayerNorm's ones/zeros and zero biases would hide bugs
@@ -39,9 +58,9 @@ def reference_grads(ref, idx, targets, dropout_masks=None):
     return loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_every_parameter_gradient_matches_autograd(activation):
-    model = make_model(activation=activation)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_parameter_gradient_matches_autograd(option, small_tiles):
+    model = make_model(**OPTIONS[option])
     model.eval()
     ref = reference_from(model)
     idx, targets = batch()
@@ -56,8 +75,9 @@ def test_every_parameter_gradient_matches_autograd(activation):
         assert_close(g, rgrads[name], f"grad {name}")
 
 
-def test_gradients_with_dropout_masks():
-    model = make_model(dropout=0.2)
+@pytest.mark.parametrize("option", ["default", "all"])
+def test_gradients_with_dropout_masks(option, small_tiles):
+    model = make_model(dropout=0.2, **OPTIONS[option])
     model.train()
     ref = reference_from(model)
     idx, targets = batch()

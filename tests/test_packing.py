@@ -1,5 +1,7 @@
 """Packed pretraining windows (data.pack): one stream per split, full windows, targets across documents."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def packed(tmp_path_factory, tok):
     tmp = tmp_path_factory.mktemp("packed")
     (tmp / "p.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
     cfg = DataConfig([str(tmp / "p.txt")], "pretrain", val_fraction=VAL_FRACTION, pack=True)
-    return prepare(cfg, tok, BLOCK, tmp / "cache", log=lambda m: None)
+    return prepare(replace(cfg, cache_dir=tmp / "cache"), tok, BLOCK, log=lambda m: None)
 
 
 def windows(ds):
@@ -95,5 +97,5 @@ def test_pack_is_refused_for_sft(tmp_path, tok):
     path = tmp_path / "s.jsonl"
     path.write_text('{"conversations": [{"role": "user", "content": "你好"}]}\n', encoding="utf-8")
     cfg = DataConfig([str(path)], "sft", val_files=[str(path)], pack=True)
-    with pytest.raises(ValueError, match="pack applies to pretraining only"):
-        prepare(cfg, tok, BLOCK, tmp_path / "cache", log=lambda m: None)
+    with pytest.raises(ValueError, match="data.pack=True: applies to pretraining only"):
+        prepare(replace(cfg, cache_dir=tmp_path / "cache"), tok, BLOCK, log=lambda m: None)

@@ -295,6 +295,27 @@ def test_stop_mid_epoch_by_max_steps_then_resume_is_bit_identical(corpus, pretra
     assert_equals_straight_run(out, straight4, "stop at step 25 + resume")
 
 
+ALL_OPTIONS = (
+    "model.pos=rope",
+    "model.norm=rmsnorm",
+    "model.activation=swiglu",
+    "model.tie_embeddings=true",
+    "model.attn=flash",
+)
+
+
+@pytest.mark.slow
+def test_every_architecture_option_resumes_bit_identically(corpus, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_cli(corpus, straight, "train.max_epochs=3", *ALL_OPTIONS)
+    run_cli(corpus, split, "train.max_epochs=2", *ALL_OPTIONS)
+    proc = run_cli(corpus, split, "resume=true", "train.max_epochs=3", *ALL_OPTIONS)
+    assert "resuming" in proc.stdout and "checkpoint's architecture" not in proc.stdout, proc.stdout
+    (final,) = ckpts(straight, "final")
+    assert "lm_head.weight" not in weights(final), "the tied head must not save a weight of its own"
+    assert_equals_straight_run(split, (straight, final), "every option: 2 epochs + resume to 3")
+
+
 def assert_one_line_error(proc, *needles):
     err = proc.stderr.strip()
     assert proc.returncode == 1, f"exit {proc.returncode}"
@@ -349,7 +370,7 @@ def test_resume_after_sigkill_starts_from_an_intact_checkpoint(corpus, tmp_path)
     time.sleep(random.Random().uniform(0.0, 0.3))  # somewhere in a later epoch, perhaps mid-save
     proc.kill()
     proc.wait()
-    for kind in ckpt.KINDS:
+    for kind in ckpt.CHECKPOINT_KINDS:
         for path in ckpts(tmp_path, kind):
             ckpt.read_state(path)  # every directory under a real name is intact
     steps = max(int(p.name.split("-")[1]) for p in ckpts(tmp_path, "last"))

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from rgpt.data.dataset import TokenSet
+from rgpt.loss import IGNORE_INDEX as IGNORE  # the target value the loss skips
 from rgpt.tokenizer import PAD_ID
 
-IGNORE = -100  # target value that the loss skips (torch's cross-entropy ignore_index)
 BUCKET_GROUPS = 50  # batches per length-sorted group: padding stays small, order stays random
 
 

@@ -46,19 +46,45 @@ from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "pairs")  # pairs: DPO's preference pairs, read by rgpt.data.preference
 
 
 @dataclass
 class DataConfig:
-    files: list[str]  # corpus files and/or directories of one training stage
-    kind: str  # "pretrain" (documents) or "sft" (dialogues)
+    """A stage's data settings: the one definition (conf/config.yaml's `data:` overrides it; the trainer
+    sets `kind` from the stage)."""
+
+    files: list[str] = field(default_factory=list)  # corpus files and/or directories of one training stage
+    kind: str = "pretrain"  # "pretrain" (documents), "sft" (dialogues) or "pairs" (dpo)
     val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
     pack: bool = False  # pretrain: a split's documents as one stream cut into full windows (see above)
     replay_files: list[str] = field(default_factory=list)  # sft: pretraining documents for the train split
     replay_fraction: float = 0.0  # sft: the share of replay_files' documents replayed (see _replay)
+    cache_dir: str = "outputs/.cache"  # where tokenized token sets are kept, one directory per key
+    workers: int | None = None  # jieba processes; None: every core from 4 MB on (rgpt.data.encode)
+
+    def validate(self) -> "DataConfig":
+        """Raise ValueError('data.<key>=<value>: why') for the first bad setting; return self."""
+        rules = [
+            ("kind", self.kind in KINDS, f"must be one of {', '.join(KINDS)}"),
+            ("files", len(self.files) > 0, "lists no corpus file or directory"),
+            ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
+            ("workers", self.workers is None or self.workers >= 1, "must be at least 1"),
+            ("replay_fraction", 0 <= self.replay_fraction <= 1, "must be in [0, 1]"),
+            ("replay_fraction", self.replay_fraction == 0 or self.replay_files, "needs data.replay_files"),
+            ("replay_fraction", self.replay_fraction == 0 or self.kind == "sft", "applies to sft only"),
+            (
+                "pack",
+                not (self.pack and self.kind != "pretrain"),
+                f"applies to pretraining only, not to {self.kind}",
+            ),
+        ]
+        for key, ok, why in rules:
+            if not ok:
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: {why}")
+        return self
 
 
 def _key(*parts) -> str:
@@ -161,8 +187,6 @@ class _SplitWriter:
 def _items(cfg: DataConfig, paths, fixed: str | None):
     """(split, item) of every document of ``paths``: its normalised text ("pretrain") or turns ("sft").
     The split is ``fixed``, or else decided by a hash of the item's text."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown corpus kind {cfg.kind!r}; expected one of {KINDS}")
     if cfg.kind == "pretrain":
         items = (normalise(text) for text in read_pretrain(paths))
     else:
@@ -196,25 +220,21 @@ def _bar(total_bytes: int, desc: str) -> tqdm:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
 
 
-def prepare(
-    cfg: DataConfig, tok: Tokenizer, block_size: int, cache_dir, log=print, workers: int | None = None
-) -> tuple[TokenSet, TokenSet]:
-    """(train, val) token sets of a stage, tokenized once and then loaded from the cache."""
+def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tuple[TokenSet, TokenSet]:
+    """(train, val) token sets of a stage, tokenized once and then loaded from cfg.cache_dir."""
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
-    if cfg.pack and cfg.kind != "pretrain":
-        raise ValueError(
-            f"pack applies to pretraining only, not to {cfg.kind!r}: a dialogue keeps its windows"
-        )
-    if cfg.replay_fraction > 0 and cfg.kind != "sft":
-        raise ValueError("replay applies to sft only: pretraining reads its text in files")
+    cfg.validate()
+    cache_dir, workers = cfg.cache_dir, cfg.workers
     replay = expand_paths(cfg.replay_files) if cfg.replay_fraction > 0 else []
     files, val_files = expand_paths(cfg.files), expand_paths(cfg.val_files) if cfg.val_files else []
     key = _key(
         DATA_FORMAT,
         tok.fingerprint,
         block_size,
-        asdict(cfg) | {"files": None, "val_files": None, "replay_files": None},
+        # what changes the arrays: not where they are kept nor how many processes make them
+        {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "workers")}
+        | {"files": None, "val_files": None, "replay_files": None},
         [file_digest(f) for f in files],
         [file_digest(f) for f in val_files],
         [file_digest(f) for f in replay],
