@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_KINDS = ("last", "best", "epoch", "final")
 STATE, MODEL, OPTIM, VOCAB = "state.json", "model.safetensors", "optimizer.safetensors", "vocab.json"
+ADAPTER, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"  # a LoRA checkpoint's, instead of MODEL
 
 
 class CheckpointError(Exception):
@@ -69,8 +70,13 @@ def _sweep(ckpt_dir: Path) -> None:
             pass
 
 
-def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimizer=None) -> Path:
-    """Write checkpoint `<kind>-<step>` atomically and return its path."""
+def save(
+    ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimizer=None, adapters=None
+) -> Path:
+    """Write checkpoint `<kind>-<step>` atomically and return its path.
+
+    adapters (rgpt.lora.Adapters): write them (adapter.safetensors + adapter.json) instead of the model's
+    weights, which stay in the base checkpoint that state.json names."""
     if kind not in CHECKPOINT_KINDS:
         raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
     ckpt_dir = Path(ckpt_dir)
@@ -80,12 +86,17 @@ def save(ckpt_dir, kind: str, step: int, model, tokenizer, state: dict, optimize
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model.store.state_dict(), tmp / MODEL)
+    if adapters is None:
+        save_file(model.store.state_dict(), tmp / MODEL)
+    else:
+        save_file(adapters.store.state_dict(), tmp / ADAPTER)
+        text = json.dumps(adapters.describe(), ensure_ascii=False, indent=1)
+        (tmp / ADAPTER_CONFIG).write_text(text, encoding="utf-8")
     if optimizer is not None:
         save_file({k: v.contiguous().clone().cpu() for k, v in optimizer.state_dict().items()}, tmp / OPTIM)
     tokenizer.save(tmp / VOCAB)
     files = {}
-    for name in (MODEL, OPTIM, VOCAB):
+    for name in (MODEL, ADAPTER, ADAPTER_CONFIG, OPTIM, VOCAB):
         if (tmp / name).exists():
             _fsync(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
@@ -122,7 +133,7 @@ def read_state(path) -> dict:
         raise CheckpointError(f"checkpoint {path} has no {STATE}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupted {path / STATE}: {e}") from None
-    if MODEL not in meta.get("files", {}):
+    if MODEL not in meta.get("files", {}) and ADAPTER not in meta.get("files", {}):
         raise CheckpointError(f"{path / STATE} lists no {MODEL}: not an rgpt checkpoint")
     for name, info in meta["files"].items():
         f = path / name
@@ -219,6 +230,10 @@ def load_model(path, device="cpu", dtype=torch.float32):
 
     path = Path(path)
     meta = read_state(path)
+    if ADAPTER in meta["files"]:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters only: merge them into a model first (python -m rgpt.lora merge {path})"
+        )
     model = GPT(model_config(meta, path), device=device, dtype=dtype)
     load_weights(model, path)
     model.eval()

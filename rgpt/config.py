@@ -12,7 +12,14 @@ from rgpt.cli import ALLOCATORS, ConfigError
 from rgpt.data.dataset import DataConfig
 from rgpt.model import GPTConfig
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo", "lora")
+CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (tokenizer.files)
+DATA_KIND = {
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "lora": "sft",
+    "dpo": "pairs",
+}  # what a stage's data.files hold
 
 
 def _pick(cls, d: dict, prefix: str):
@@ -138,7 +145,10 @@ class TokenizerSettings:
 
     def validate(self):
         _check(
-            set(self.files) <= set(STAGES), "tokenizer.files", sorted(self.files), "keys must be pretrain/sft"
+            set(self.files) <= set(CORPUS_KINDS),
+            "tokenizer.files",
+            sorted(self.files),
+            "keys must be pretrain/sft",
         )
         _check(self.min_freq >= 1, "tokenizer.min_freq", self.min_freq, "must be at least 1")
         _check(self.max_size >= 16, "tokenizer.max_size", self.max_size, "must be at least 16")
@@ -161,6 +171,38 @@ class CheckpointSettings:
         )
         for key in ("keep_best", "every", "keep"):
             _check(getattr(self, key) >= 1, f"checkpoint.{key}", getattr(self, key), "must be at least 1")
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1
+
+    def validate(self):
+        _check(0 < self.beta < math.inf, "dpo.beta", self.beta, "must be positive and finite")
+
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's projections
+
+
+@dataclass
+class LoRASettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
+
+    def validate(self):
+        _check(self.r >= 1, "lora.r", self.r, "must be at least 1")
+        _check(0 < self.alpha < math.inf, "lora.alpha", self.alpha, "must be positive and finite")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(
+            len(self.targets) > 0
+            and set(self.targets) <= set(LORA_TARGETS)
+            and len(set(self.targets)) == len(self.targets),
+            "lora.targets",
+            self.targets,
+            f"must name distinct projections among {', '.join(LORA_TARGETS)}",
+        )
 
 
 @dataclass
@@ -194,6 +236,8 @@ class RunConfig:
     tokenizer: TokenizerSettings
     checkpoint: CheckpointSettings
     monitor: MonitorSettings
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
     device: str = "auto"
     precision: str = "auto"
     seed: int = 1337
@@ -223,6 +267,8 @@ class RunConfig:
             "tokenizer": TokenizerSettings,
             "checkpoint": CheckpointSettings,
             "monitor": MonitorSettings,
+            "dpo": DPOSettings,
+            "lora": LoRASettings,
         }
         parts = {}
         for key, sub in groups.items():
@@ -231,12 +277,18 @@ class RunConfig:
                 raise ConfigError(f"{key} must be a group of settings, got {value!r}")
             if key == "data":  # the stage decides what kind of text the data is
                 _check("kind" not in value, "data.kind", value.get("kind"), "is set by stage=")
-                value = {**value, "kind": d.get("stage")}
+                value = {**value, "kind": DATA_KIND.get(d.get("stage"), d.get("stage"))}
             parts[key] = _pick(sub, value, f"{key}.")
         _check(d.get("stage") in STAGES, "stage", d.get("stage"), f"must be one of {', '.join(STAGES)}")
         cfg = _pick(cls, {**d, **parts}, "")
         _check(
             cfg.model.vocab_size == 0, "model.vocab_size", cfg.model.vocab_size, "is set from the tokenizer"
+        )
+        _check(
+            not (cfg.train.freeze_attn and cfg.stage == "lora"),
+            "train.freeze_attn",
+            cfg.train.freeze_attn,
+            "lora already freezes the whole model (its adapters are what trains)",
         )
         try:  # the model's and the data's own checks, in their own modules
             cfg.model.validate(allow_no_vocab=True)

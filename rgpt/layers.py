@@ -26,6 +26,9 @@ class Layer:
     """Base class: named parameters and their gradient accumulators."""
 
     low_precision = False  # computes from the store's low-precision working copy under mixed precision
+    frozen = (
+        False  # True: backward still returns the input gradient but computes no parameter gradient (LoRA)
+    )
 
     def __init__(self):
         self.params: dict[str, torch.Tensor] = {}
@@ -98,6 +101,9 @@ class Linear(Layer):
         x2 = self.cache
         w = self.params["weight"]
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        if self.frozen:  # a frozen W (LoRA's W0): dx only, not even the product dW would need
+            self.cache = None
+            return (dy2.to(w.dtype) @ w).view(*dy.shape[:-1], w.shape[1])
         if "bias" in self.grads:  # db += sum of dy over rows, in dy's own dtype (float32 in the blocks)
             self.grads["bias"] += dy2.sum(0)
         dy2 = dy2.to(w.dtype)
@@ -142,9 +148,11 @@ class Embedding(Layer):
 
     def backward(self, dout):  # dout: (B, T, C)
         idx = self.cache
+        self.cache = None
+        if self.frozen:
+            return
         # a scatter-add: a token id that occurs several times receives the sum of its rows' gradients
         self.grads["weight"].index_add_(0, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
-        self.cache = None
 
 
 def sinusoidal_positions(n_pos, n_embd, *, device, dtype):
@@ -178,8 +186,9 @@ class LayerNorm(Layer):
 
     def backward(self, dy):
         xhat, rstd = self.cache
-        self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
-        self.grads["bias"] += dy.flatten(0, -2).sum(0)
+        if not self.frozen:
+            self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
+            self.grads["bias"] += dy.flatten(0, -2).sum(0)
         g = dy * self.params["weight"]  # dL/dxhat
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)): the three paths through x, mean and var
         dx = g - g.mean(-1, keepdim=True)

@@ -33,13 +33,24 @@ class CrossEntropy:
         self.cache = (logp, logp_t, safe_t, valid, n, shape, logits.dtype)
         return loss
 
-    def backward(self, scale=1.0):
-        """dL/dlogits = coef * (softmax(logits) - onehot(target)), coef = scale / n on rows with a target
-        (token-weighted accumulation passes scale = n_micro / n_total) and 0 on the others."""
+    def row_logprobs(self):
+        """(N_all,) log-probability of each row's target in the last forward, 0 on rows without one."""
         logp, logp_t, safe_t, valid, n, shape, dtype = self.cache
-        coef = valid.to(logp.dtype) * (scale / n)  # (N_all,)
-        # coef * softmax = exp(logp + log coef), in one sweep; log 0 = -inf gives ignored rows exactly 0
-        p = logp.add_(coef.log()[:, None]).exp_()
+        return torch.where(valid, logp_t, torch.zeros_like(logp_t))
+
+    def backward(self, scale=1.0, row_coef=None):
+        """dL/dlogits = coef * (softmax(logits) - onehot(target)), coef = scale / n on rows with a target
+        (token-weighted accumulation passes scale = n_micro / n_total) and 0 on the others.
+
+        row_coef (N_all,): a coefficient per row instead, of either sign (DPO: the gradient of a loss
+        through each row's log-probability is -coef, see rgpt/dpo.py); rows without a target still get 0.
+        """
+        logp, logp_t, safe_t, valid, n, shape, dtype = self.cache
+        coef = valid.to(logp.dtype) * (scale / n if row_coef is None else row_coef.to(logp.dtype))  # (N_all,)
+        # |coef| * softmax = exp(logp + log |coef|), in one sweep; log 0 = -inf gives ignored rows exactly 0
+        p = logp.add_(coef.abs().log()[:, None]).exp_()
+        if row_coef is not None:
+            p.mul_(coef.sign()[:, None])  # negative rows (DPO's rejected replies): one more sweep
         rows = torch.arange(p.shape[0], device=p.device)
         p[rows, safe_t] = (logp_t.exp() - 1.0) * coef  # the target's entry: coef * (p_target - 1)
         self.cache = None

@@ -213,7 +213,7 @@ class GPT:
         for block in self.h:
             x = block.forward(x)
         x = self.ln_f.forward(x)  # (B, T, C)
-        self._kept = None
+        self._kept, self._bt = None, (B, T)
         if targets is None:
             return self.lm_head.forward(x)  # (B, T, V)
         if self.device.type == "cpu":  # (on CUDA, finding the rows would cost a host sync per step)
@@ -238,9 +238,24 @@ class GPT:
             streams.append(x)
         return streams
 
-    def backward(self, scale=1.0):
-        """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets)."""
-        dx = self.lm_head.backward(self.criterion.backward(scale))  # (B, T, C), or (N, C) for the kept rows
+    def _row_sequence(self):
+        """(N,) the sequence (batch row) of every row that reached the loss in the last forward."""
+        B, T = self._bt
+        rows = self._kept[0] if self._kept is not None else torch.arange(B * T, device=self.device)
+        return rows // T
+
+    def sequence_logprobs(self):
+        """(B,) each sequence's summed log-probability of its targets in the last forward(idx, targets)."""
+        logp = self.criterion.row_logprobs()  # (N,) 0 on rows without a target
+        return logp.new_zeros(self._bt[0]).index_add_(0, self._row_sequence(), logp)
+
+    def backward(self, scale=1.0, dlogp=None):
+        """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets).
+
+        dlogp (B,): instead, the gradient of some loss with respect to each sequence's summed log-probability
+        (sequence_logprobs); the cross-entropy backward is then scaled per row by -dlogp (DPO)."""
+        row_coef = None if dlogp is None else -dlogp[self._row_sequence()]  # (N,)
+        dx = self.lm_head.backward(self.criterion.backward(scale, row_coef))  # (B, T, C), or (N, C) kept rows
         if self._kept is not None:  # rows that were skipped get a zero gradient
             keep, shape = self._kept
             dx = dx.new_zeros(shape[0] * shape[1], shape[2]).index_copy_(0, keep, dx).view(shape)

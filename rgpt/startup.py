@@ -16,6 +16,7 @@ from rgpt import checkpoint as ckpt
 from rgpt.checkpoint import CheckpointError
 from rgpt.config import RunConfig
 from rgpt.data import build_tokenizer
+from rgpt.lora import base_of
 from rgpt.model import GPT, GPTConfig
 from rgpt.tokenizer import Tokenizer
 
@@ -49,7 +50,8 @@ def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log
         log(f"notice: using the checkpoint's architecture: {', '.join(diff)}")
     arch = dataclasses.replace(saved, dropout=cfg.model.dropout)  # regularisation is the run's choice
     model = GPT(arch, device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
-    ckpt.load_weights(model, path)
+    # a LoRA checkpoint holds adapters only: the model is its base's (the trainer adds the adapters)
+    ckpt.load_weights(model, base_of(meta, path) if ckpt.ADAPTER in meta["files"] else path)
     tok = Tokenizer.load(path / ckpt.VOCAB)
     if exact and ckpt.OPTIM not in meta["files"]:
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be resumed exactly")
@@ -65,10 +67,16 @@ def _set_aside(run_dir: Path, log) -> None:
         log(f"notice: this run starts fresh; the previous checkpoints were moved to {dest}")
 
 
+# the stage whose best model a stage starts from (resume=true without a checkpoint of its own)
+STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "lora": "pretrain"}
+MODEL_OF = {"pretrain": "pretrained", "sft": "instruction-tuned"}  # that stage's model, in words
+WORK_OF = {"sft": "instruction tuning", "dpo": "preference tuning", "lora": "LoRA instruction tuning"}
+
+
 def _pretrained(cfg: RunConfig, log) -> tuple[Path, Path | None]:
-    """(where it was looked for, the best or final pretrained checkpoint) for sft to start from: the
-    pretraining run of the same run_name; under a sweep, its job of the same name first."""
-    root = Path(cfg.out_dir) / "pretrain" / cfg.run_name
+    """(where it was looked for, the best or final checkpoint) of the stage before cfg.stage to start from:
+    that stage's run of the same run_name; under a sweep, its job of the same name first."""
+    root = Path(cfg.out_dir) / STARTS_FROM[cfg.stage] / cfg.run_name
     places = [root / cfg.job / "checkpoints"] if cfg.job else []
     places.append(root / "checkpoints")
     for pre in places:
@@ -98,19 +106,26 @@ def resolve_start(cfg: RunConfig, device, dtype, log=print) -> Start:
         if path is not None:
             log(f"resuming {path}")
             return _from_checkpoint(cfg, path, device, dtype, True, log)
-        if cfg.stage == "sft":
+        if cfg.stage in STARTS_FROM:
+            before = STARTS_FROM[cfg.stage]
             pre, best = _pretrained(cfg, log)
             if best is None:
                 raise CheckpointError(
-                    f"nothing to start sft from: no checkpoint in {run_ckpts} nor a pretrained model in {pre}; "
-                    f"run `python -m rgpt.train stage=pretrain` first"
+                    f"nothing to start {cfg.stage} from: no checkpoint in {run_ckpts} nor a {MODEL_OF[before]} "
+                    f"model in {pre}; run `python -m rgpt.train stage={before}` first"
                 )
             log(
-                f"starting instruction tuning from the pretrained model {best} (fresh optimizer and schedule)"
+                f"starting {WORK_OF[cfg.stage]} from the {MODEL_OF[before]} model {best} "
+                "(fresh optimizer and schedule)"
             )
             return _from_checkpoint(cfg, best, device, dtype, False, log)
         raise CheckpointError(
             f"nothing to resume: no checkpoint in {run_ckpts}; run without resume=true to start"
+        )
+    if cfg.stage in ("dpo", "lora"):
+        raise CheckpointError(
+            f"stage={cfg.stage} tunes a trained model: add resume=true (starts from {STARTS_FROM[cfg.stage]}'s "
+            "best model) or resume_from=CHECKPOINT"
         )
     _set_aside(cfg.run_dir, log)
     t = cfg.tokenizer

@@ -1,4 +1,4 @@
-"""python -m rgpt.train stage=pretrain|sft [key=value ...]  (see conf/config.yaml for every key).
+"""python -m rgpt.train stage=pretrain|sft|dpo|lora [key=value ...]  (see conf/config.yaml for every key).
 
 What training prints goes through the `rgpt` logger: to the console and, via Hydra's job logging
 (conf/hydra/job_logging/rgpt.yaml), to the run directory's train.log as it goes.
@@ -42,13 +42,28 @@ def sweep_job(run: RunConfig) -> str | None:
     return None if job == "." else job
 
 
+def trainer_class(stage: str):
+    """The training loop of a stage: rgpt.trainer's, or a subclass with the stage's data and loss."""
+    if stage == "dpo":
+        from rgpt.dpo_trainer import DPOTrainer
+
+        return DPOTrainer
+    if stage == "lora":
+        from rgpt.lora_trainer import LoRATrainer
+
+        return LoRATrainer
+    from rgpt.trainer import Trainer
+
+    return Trainer
+
+
 @hydra_main("config")
 def main(cfg) -> None:
     run = load_run_config(cfg)
     device = setup_runtime(run.device, run.threads, run.allocator)
     run.precision = resolve_precision(run.precision, device, log=log)
     torch.set_grad_enabled(False)  # rgpt computes every gradient by hand
-    from rgpt.trainer import Stop, Trainer
+    from rgpt.trainer import Stop
 
     dist = Dist.from_env(device.type, run.dist_timeout_s)  # under torchrun: join the other ranks
     if dist.world > 1 and device.type == "cuda":
@@ -59,7 +74,7 @@ def main(cfg) -> None:
             f"{dist.world} processes: some wait idle every step (use a multiple of {dist.world})"
         )
     try:
-        result = Trainer(run, device, dist, log=log).run()
+        result = trainer_class(run.stage)(run, device, dist, log=log).run()
         # leave together: once one rank exits non-zero (130 after a signal) torchrun kills the others,
         # which must not catch rank 0 in the middle of saving `last`
         dist.barrier("waiting for rank 0's last save")

@@ -31,6 +31,8 @@ class Stop(Exception):
 
 
 class Trainer:
+    adapters = None  # LoRA's adapters (rgpt.lora_trainer): checkpoints then hold them instead of the model
+
     def __init__(self, cfg: RunConfig, device, dist: Dist | None = None, log=print):
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
@@ -40,23 +42,20 @@ class Trainer:
             lambda: resolve_start(cfg, device, torch.float32, log=self.log), "vocabulary"
         )
         self.model, self.tok, self.source = start.model, start.tokenizer, start.source
-        m = self.model
-        with m.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
+        self.resumed = start.state  # state.json of the checkpoint resumed exactly, else None
+        with self.model.store.write() as weights:  # every rank starts from rank 0's weights, bit for bit
             self.dist.broadcast_(weights)
-        self.train_set, self.val_set = self.dist.first_then_rest(
-            lambda: prepare(cfg.data, self.tok, m.config.block_size, self.log), "data cache"
-        )
-        pin = device.type == "cuda"
-        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
-        self.val_batches = Batcher(
-            self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
-        )
-        t = cfg.train
-        frozen = [n for n in m.params if ".attn." in n] if t.freeze_attn else []
+        self.store = self._trainable()  # what Adam updates: the model's store, or (LoRA) the adapters'
+        if self.store is not self.model.store:
+            with self.store.write() as weights:
+                self.dist.broadcast_(weights)
+        self._load_data()
+        t, ps = cfg.train, self.store.params
+        frozen = [n for n in ps if ".attn." in n] if t.freeze_attn else []
         # a frozen weight must not decay either
-        decay = [n for n, p in m.params.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
+        decay = [n for n, p in ps.items() if p.dim() >= 2 and n not in frozen] if t.weight_decay else []
         self.opt = Adam(
-            m.store,
+            self.store,
             betas=(t.beta1, t.beta2),
             eps=t.eps,
             weight_decay=t.weight_decay,
@@ -81,6 +80,21 @@ class Trainer:
         self._probe = None  # this step's diagnostics (monitor.diagnostics), when it has them
         self._fonts = None  # the attention images' fonts, loaded at the first image
 
+    def _trainable(self):
+        """The parameter store that training updates (rgpt.params.ParamStore): the whole model's."""
+        return self.model.store
+
+    def _load_data(self) -> None:
+        """The stage's train and validation sets and their batchers (the token sets, cached on disk)."""
+        cfg, m, pin = self.cfg, self.model, self.device.type == "cuda"
+        self.train_set, self.val_set = self.dist.first_then_rest(
+            lambda: prepare(cfg.data, self.tok, m.config.block_size, self.log), "data cache"
+        )
+        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
+        self.val_batches = Batcher(
+            self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
+        )
+
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
         self.opt.load_state_dict(ckpt.load_tensors(path, ckpt.OPTIM, device=self.device))
@@ -94,15 +108,18 @@ class Trainer:
     def _best_params(self, source) -> torch.Tensor:
         """What early stopping rolls back to: after a resume, the weights of the `best` checkpoint saved
         beside the one resumed (not the resumed weights); the current weights when there is none."""
-        m = self.model
         best = ckpt.find(source.parent, "best", warn=self.log) if source is not None else None
         if best is None or ckpt.read_state(best).get("monitor_value") != self.best:
-            return m.store.snapshot()
-        current = m.store.snapshot()
-        ckpt.load_weights(m, best)
-        weights = m.store.snapshot()
-        m.store.restore(current)
+            return self.store.snapshot()
+        current = self.store.snapshot()
+        self._load_trainable(best)
+        weights = self.store.snapshot()
+        self.store.restore(current)
         return weights
+
+    def _load_trainable(self, path) -> None:
+        """The trained weights of checkpoint `path` into the store that training updates."""
+        ckpt.load_weights(self.model, path)
 
     def _state(self, **extra) -> dict:
         return {
@@ -136,41 +153,43 @@ class Trainer:
         """
         m, timers, d = self.model, self.timers, self.dist
         mon = self.cfg.monitor
-        if d.is_main and self._due(mon.gradcheck_every):
+        inside = self.cfg.stage in (
+            "pretrain",
+            "sft",
+        )  # diagnostics and the gradient check read the GPT's loss
+        if inside and d.is_main and self._due(mon.gradcheck_every):
             with timers("gradcheck"):
                 self._gradcheck(group[0])
         probe = self._probe = (
-            StepProbe() if d.is_main and mon.diagnostics and self._due(mon.diagnostics_every) else None
+            StepProbe()
+            if inside and d.is_main and mon.diagnostics and self._due(mon.diagnostics_every)
+            else None
         )
-        n_total = sum(b.n_tokens for b in group)
-        # (loss sum, stop requested, time up) travel in one all-reduce, so every rank leaves the loop
-        # after the same step; a rank that stopped alone would leave the others waiting in the next one
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        m.zero_grad()
+        n_total = self._weight(group)
+        # (stop requested, time up, loss sum, the stage's other sums) travel in one all-reduce, so every rank
+        # leaves the loop after the same step; a rank that stopped alone would leave the others waiting
+        stats = torch.zeros(2 + self.n_sums, dtype=torch.float64, device=self.device)
+        self.store.zero_grad()
         for j in range(d.rank, len(group), d.world):  # micro-batches rank, rank + world, ... of the group
             b = group[j]
             # dropout masks follow the micro-batch's place in the epoch, not the rank that computes it
             m.generator.manual_seed(self._dropout_seed(self.pos + j))
             with timers("data"):
                 b = b.to(self.device)
-            with timers("forward"):
-                loss = m.forward(b.idx, b.targets)
-            if probe is not None and j == d.rank:  # activations of this rank's first micro-batch
-                with timers("diagnostics"):
-                    probe.activations(m, b.idx)
-            with timers("backward"):
-                # token-weighted: the gradient of the group's mean loss, not a mean of means
-                m.backward(scale=b.n_tokens / n_total)
-            stats[0] += loss.double() * b.n_tokens
-        stats[1] = self._pending is not None
-        stats[2] = d.is_main and time.perf_counter() >= self._deadline
+            # diagnostics read the activations of this rank's first micro-batch
+            stats[2:] += self._forward_backward(b, n_total, probe if j == d.rank else None)
+        stats[0] = self._pending is not None
+        stats[1] = d.is_main and time.perf_counter() >= self._deadline
         with timers("optimizer"):
-            d.all_reduce_sum(m.store.grad, stats)  # the gradient: the single-process one of the whole group
+            d.all_reduce_sum(
+                self.store.grad, stats
+            )  # the gradient: the single-process one of the whole group
             if probe is not None:
                 with timers("diagnostics"):
                     probe.gradients(m)
-            norm, clip = clip_coef(m.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
-            loss_sum, stop, time_up, norm_value = torch.cat([stats, norm.double().view(1)]).tolist()
+            norm, clip = clip_coef(self.store.grad, self.cfg.train.clip_norm)  # applied inside Adam's pass
+            stop, time_up, loss_sum, *self._sums = torch.cat([stats, norm.double().view(1)]).tolist()
+            norm_value = self._sums.pop()
             loss_value = loss_sum / n_total  # the line above is the one host sync per step
             if stop:
                 self._signal = self._pending or signal.SIGTERM  # SIGTERM: another rank was signalled
@@ -206,7 +225,7 @@ class Trainer:
     def _sample_ids(self) -> list[int]:
         """The sample prompt as the model sees it: chat's template in sft, plain text in pretraining."""
         prompt = self.cfg.monitor.sample_prompt
-        if self.cfg.stage == "sft":
+        if self.cfg.stage != "pretrain":
             return self.tok.encode_prompt([("user", prompt)])
         return self.tok.encode_pretrain(prompt)[:-1]  # without the closing <eos>
 
@@ -221,6 +240,26 @@ class Trainer:
         tokens = [self.tok.tokens[i] for i in ids]
         for layer, picture in enumerate(layer_images(attention_maps(self.model, ids), tokens, self._fonts)):
             self.monitor.image(f"attention/layer_{layer}", picture, self.step)
+
+    n_sums = 1  # what _forward_backward returns: the loss sum
+
+    def _forward_backward(self, b, n_total: int, probe=None) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns (n_sums,) float64 sums, the weighted loss first.
+        probe (diagnostics): reads the activations the forward kept, before the backward frees them."""
+        m = self.model
+        with self.timers("forward"):
+            loss = m.forward(b.idx, b.targets)
+        if probe is not None:
+            with self.timers("diagnostics"):
+                probe.activations(m, b.idx)
+        with self.timers("backward"):
+            # token-weighted: the gradient of the group's mean loss, not a mean of means
+            m.backward(scale=b.n_tokens / n_total)
+        return (loss.double() * b.n_tokens).view(1)
+
+    def _weight(self, group) -> int:
+        """A group's weight in means over steps: its target tokens."""
+        return sum(b.n_tokens for b in group)
 
     def _dropout_seed(self, index: int) -> int:
         """Seed of the dropout masks of micro-batch `index` of this epoch: the same for any world size."""
@@ -265,6 +304,7 @@ class Trainer:
                 self.tok,
                 self._state(**extra),
                 optimizer=self.opt,
+                adapters=self.adapters,
             )
             c = self.cfg.checkpoint
             if kind == "best":
@@ -313,7 +353,7 @@ class Trainer:
         self._session = {"t0": t0, "start": self._batch_index(), "tokens": 0, "bad_in_a_row": 0}
         per_epoch = -(-len(self.batches) // t.grad_accum)  # optimizer steps per epoch
         self.log(
-            f"{cfg.stage}: {m.num_params():,} parameters, {len(self.train_set)} training / "
+            f"{cfg.stage}: {m.num_params():,} parameters ({self.store.numel():,} trained), {len(self.train_set)} training / "
             f"{len(self.val_set)} validation windows, {len(self.batches)} micro-batches per epoch, "
             f"{per_epoch} steps per epoch, device {self.device}, precision {cfg.precision}"
         )
@@ -366,7 +406,7 @@ class Trainer:
                     )
             else:
                 session["bad_in_a_row"] = 0
-                n_targets = sum(g.n_tokens for g in group)
+                n_targets = self._weight(group)
                 self.ep_loss += loss * n_targets
                 self.ep_tokens += n_targets
             session["tokens"] += ntok
@@ -399,8 +439,7 @@ class Trainer:
             bad_epochs=self.bad_epochs,
         )
         metrics = {
-            "train/loss": loss,
-            "train/ppl": ppl(loss),
+            **self._step_metrics(loss),
             "train/lr": self.lr(),
             "train/grad_norm": norm,
             "train/tokens_per_sec": rate,
@@ -421,6 +460,14 @@ class Trainer:
             with self.timers("attention images"):
                 self._attention_images()
 
+    def _step_metrics(self, loss: float) -> dict:
+        """The stage's own metrics of the last step (beside learning rate, gradient norm and speed)."""
+        return {"train/loss": loss, "train/ppl": ppl(loss)}
+
+    def _val_metrics(self, val_loss: float) -> dict:
+        """The stage's own metrics of the last validation."""
+        return {"val/loss": val_loss, "val/ppl": ppl(val_loss)}
+
     def _evaluate(self, train_loss: float) -> tuple[float, bool]:
         """Validate, track the best model and early stopping, log to TensorBoard: at every epoch's end, or
         every train.eval_every steps. Returns (validation loss, whether the monitored loss improved)."""
@@ -430,7 +477,7 @@ class Trainer:
         improved = math.isfinite(value) and value < self.best - t.min_delta
         if improved:
             self.best, self.bad_epochs = value, 0
-            self.best_params = self.model.store.snapshot()
+            self.best_params = self.store.snapshot()
         else:
             self.bad_epochs += 1  # evaluations without improvement (epochs unless eval_every is set)
         self.history.append(
@@ -442,7 +489,7 @@ class Trainer:
                 "lr": self.lr(),
             }
         )
-        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl(val_loss)})
+        self.monitor.scalars(self.step, self._val_metrics(val_loss))
         self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
         if self.dist.is_main:
             self.monitor.text("sample", self.sample(), self.step)
@@ -490,7 +537,7 @@ class Trainer:
         self._save_progress(improved)
 
     def _finish(self, t0: float) -> dict:
-        m, cfg = self.model, self.cfg
+        cfg = self.cfg
         self.elapsed += time.perf_counter() - t0
         self.monitor.close()
         if self._signal is not None:  # Ctrl-C / SIGTERM: keep exactly where we are
@@ -508,7 +555,7 @@ class Trainer:
             and self.stop_reason.startswith("early stopping")
             and self.best_params is not None
         ):
-            m.store.restore(self.best_params)  # roll back to the best model before the final save
+            self.store.restore(self.best_params)  # roll back to the best model before the final save
             reason += f"; rolled back to the best model ({cfg.train.monitor} {self.best:.4f})"
         path = self.save("final")
         self.log(f"done: {reason}.")

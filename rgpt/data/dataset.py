@@ -46,7 +46,7 @@ from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "pairs")  # pairs: DPO's preference pairs, read by rgpt.data.preference
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DataConfig:
     sets `kind` from the stage)."""
 
     files: list[str] = field(default_factory=list)  # corpus files and/or directories of one training stage
-    kind: str = "pretrain"  # "pretrain" (documents) or "sft" (dialogues)
+    kind: str = "pretrain"  # "pretrain" (documents), "sft" (dialogues) or "pairs" (dpo)
     val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
@@ -75,7 +75,11 @@ class DataConfig:
             ("replay_fraction", 0 <= self.replay_fraction <= 1, "must be in [0, 1]"),
             ("replay_fraction", self.replay_fraction == 0 or self.replay_files, "needs data.replay_files"),
             ("replay_fraction", self.replay_fraction == 0 or self.kind == "sft", "applies to sft only"),
-            ("pack", not (self.pack and self.kind == "sft"), "applies to pretraining only, not to sft"),
+            (
+                "pack",
+                not (self.pack and self.kind != "pretrain"),
+                f"applies to pretraining only, not to {self.kind}",
+            ),
         ]
         for key, ok, why in rules:
             if not ok:
