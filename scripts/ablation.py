@@ -49,6 +49,42 @@ def budget(args) -> list[str]:
     ]
 
 
+def tokens_per_second(names, rounds: int = 5, steps: int = 3) -> dict[str, float]:
+    """Training tokens/s of each variant's model=small (vocabulary 8,000, 16 x 128 tokens, fp32), the variants
+    taking turns in this process so that the machine's load hits them alike; the median of the rounds."""
+    import dataclasses
+
+    import torch
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from rgpt.model import GPT, GPTConfig
+    from rgpt.optim import Adam
+
+    small = yaml.safe_load((REPO / "conf" / "model" / "small.yaml").read_text(encoding="utf-8"))
+    small.pop("defaults")
+    base = GPTConfig(vocab_size=8000, dropout=0.0, **small)
+    models = {}
+    for name in names:
+        opts = dict(o.removeprefix("model.").split("=") for o in VARIANTS[name])
+        opts = {k: v == "true" if v in ("true", "false") else v for k, v in opts.items()}
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(base, **opts))
+        models[name] = (model, Adam(model.store))
+    idx = torch.randint(0, 8000, (16, 129))
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model.zero_grad()
+                model.forward(idx[:, :-1], idx[:, 1:])
+                model.backward()
+                opt.step(1e-4)
+            times[name].append(16 * 128 * steps / (time.perf_counter() - t0))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per variant")
@@ -58,12 +94,21 @@ def main(argv=None) -> None:
     )
     p.add_argument("--data", default="data", help="where `python -m rgpt.data.fetch` put news/ and mix/")
     p.add_argument("--out", default="outputs/ablation.jsonl")
+    p.add_argument(
+        "--speed", action="store_true", help="only tokens/s, all variants taking turns in one process"
+    )
     p.add_argument("extra", nargs="*", help="more overrides for every run, e.g. threads=2")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"error: unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    if args.speed:
+        rates = tokens_per_second(names)
+        print("| variant | tokens/s | × baseline |\n|---|---|---|")
+        for name, rate in rates.items():
+            print(f"| {name} | {rate:.0f} | {rate / rates.get('baseline', rate):.2f} |")
+        return
     rows = []
     for name in names:
         t0 = time.time()
