@@ -8,6 +8,14 @@ from pathlib import Path
 import torch
 
 RTOL, ATOL = 1e-6, 1e-8  # the project's standard for float64 gradient checks
+# every architecture option at once, as command-line overrides (tests of the CLI and of torchrun)
+ALL_OPTIONS = (
+    "model.pos=rope",
+    "model.norm=rmsnorm",
+    "model.activation=swiglu",
+    "model.tie_embeddings=true",
+    "model.attn=flash",
+)
 
 
 def assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):

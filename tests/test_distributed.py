@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from rgpt import checkpoint as ckpt
 from rgpt.distributed import Dist, hydra_overrides
-from tests.helpers import assert_close, write_tiny_corpus
+from tests.helpers import ALL_OPTIONS, assert_close, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -353,15 +353,6 @@ def test_a_lost_rank_ends_the_job_with_a_message_instead_of_a_hang(runner, tmp_p
             assert (
                 "error: rank 0 of 2: all-reduce failed: another rank died or did not answer within " in out
             ), out
-
-
-ALL_OPTIONS = (
-    "model.pos=rope",
-    "model.norm=rmsnorm",
-    "model.activation=swiglu",
-    "model.tie_embeddings=true",
-    "model.attn=flash",
-)
 
 
 @pytest.mark.slow

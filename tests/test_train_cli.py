@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from rgpt import checkpoint as ckpt
 from rgpt.diagnostics import GROUPS
-from tests.helpers import write_tiny_corpus
+from tests.helpers import ALL_OPTIONS, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS_PER_EPOCH = 10  # 80 documents -> 74 training windows -> 19 micro-batches of 4 -> 10 steps of 2
@@ -327,15 +327,6 @@ def test_stop_mid_epoch_by_max_steps_then_resume_is_bit_identical(corpus, pretra
     assert state["pos"] == 10, f"`last` holds no mid-epoch position (pos {state['pos']})"
     run_cli(corpus, out, "resume=true", "train.max_epochs=4")
     assert_equals_straight_run(out, straight4, "stop at step 25 + resume")
-
-
-ALL_OPTIONS = (
-    "model.pos=rope",
-    "model.norm=rmsnorm",
-    "model.activation=swiglu",
-    "model.tie_embeddings=true",
-    "model.attn=flash",
-)
 
 
 @pytest.mark.slow
