@@ -4,7 +4,7 @@ a suggestion, and the directory name of a sweep job (the `${sweep_job:...}` reso
 import difflib
 import sys
 
-from rgpt.cli import CONF_DIR, ConfigError
+from rgpt.cli import CONF_DIR, ConfigError, register_model_schema
 
 
 def _parse(argv: list[str]):
@@ -40,6 +40,7 @@ def _composed(config_name: str, groups: list[str]) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    register_model_schema()  # the model presets start from GPTConfig's node (idempotent)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
