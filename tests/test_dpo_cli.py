@@ -11,14 +11,13 @@ import pytest
 from rgpt import checkpoint as ckpt
 from tests.test_dpo import PAIRS
 from tests.test_train_cli import (
-    REPO,
     assert_one_line_error,
     assert_same_weights,
     ckpts,
     cli_args,
-    cli_env,
     copy_out_dir,
     history,
+    run,
     run_dir,
     scalar_curve,
     tensorboard,
@@ -32,22 +31,7 @@ STEPS_PER_EPOCH = 4  # 7 training pairs (5 held out by hash) in micro-batches of
 
 def run_dpo(corpus, out_dir, *extra, pairs=PAIRS, rc=0) -> subprocess.CompletedProcess:
     args = [a for a in cli_args(corpus, out_dir, stage="dpo") if not a.startswith("data.files=")]
-    p = subprocess.run(
-        [*args, f"data.files=[{pairs}]", *DPO, *extra],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == rc, f"exit {p.returncode} (want {rc})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
-
-
-def run(args, rc=0):
-    p = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == rc, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
+    return run([*args, f"data.files=[{pairs}]", *DPO, *extra], rc=rc)
 
 
 @pytest.fixture(scope="module")

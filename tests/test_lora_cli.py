@@ -1,7 +1,6 @@
 """stage=lora end to end through the real CLI: pretrain -> lora and sft -> lora, adapter-only checkpoints,
 `python -m rgpt.lora merge`, chat on the merged model, and exact resume."""
 
-import subprocess
 import sys
 
 import pytest
@@ -13,13 +12,12 @@ from rgpt.chat import open_model
 from rgpt.checkpoint import CheckpointError
 from rgpt.lora import merge_checkpoint
 from tests.test_train_cli import (
-    REPO,
     assert_one_line_error,
     ckpts,
     cli_args,
-    cli_env,
     copy_out_dir,
     history,
+    run,
     run_dir,
     scalar_curve,
     weights,
@@ -34,12 +32,6 @@ LORA = (
     "lora.targets=[attn.c_attn,mlp.c_fc]",
 )
 ADAPTER_FILES = {ckpt.ADAPTER, ckpt.ADAPTER_CONFIG, ckpt.OPTIM, ckpt.VOCAB, ckpt.STATE}
-
-
-def run(args, rc=0):
-    p = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == rc, f"exit {p.returncode} (want {rc})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
 
 
 def lora_args(corpus, out, *extra):

@@ -75,17 +75,15 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(corpus, out_dir, *extra, stage="pretrain", rc=0) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        cli_args(corpus, out_dir, *extra, stage=stage),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run(args, rc=0) -> subprocess.CompletedProcess:
+    """A command line (an entry point and its overrides) run from the repository; its exit status must be rc."""
+    p = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == rc, f"exit {p.returncode} (want {rc})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p
+
+
+def run_cli(corpus, out_dir, *extra, stage="pretrain", rc=0) -> subprocess.CompletedProcess:
+    return run(cli_args(corpus, out_dir, *extra, stage=stage), rc=rc)
 
 
 def run_dir(out_dir, stage="pretrain") -> Path:
