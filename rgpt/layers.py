@@ -213,7 +213,8 @@ class RMSNorm(Layer):
 
     def backward(self, dy):
         xhat, rstd = self.cache
-        self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
+        if not self.frozen:
+            self.grads["weight"] += (dy * xhat).flatten(0, -2).sum(0)
         g = dy * self.params["weight"]  # dL/dxhat
         # xhat = x * rstd with rstd = mean(x^2)^(-1/2): dx = rstd * (g - xhat * mean(g * xhat))
         dx = g.addcmul_(xhat, (g * xhat).mean(-1, keepdim=True), value=-1.0).mul_(rstd)
