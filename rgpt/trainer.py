@@ -16,6 +16,7 @@ import torch
 from rgpt import checkpoint as ckpt
 from rgpt.config import RunConfig
 from rgpt.data import Batcher, prepare
+from rgpt.data.dataset import replay_set, replay_windows
 from rgpt.diagnostics import StepProbe
 from rgpt.distributed import Dist
 from rgpt.generate import DecodeConfig, generate
@@ -90,7 +91,16 @@ class Trainer:
         self.train_set, self.val_set = self.dist.first_then_rest(
             lambda: prepare(cfg.data, self.tok, m.config.block_size, self.log), "data cache"
         )
-        self.batches = Batcher(self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin)
+        pool = replay_set(self.train_set)
+        k = replay_windows(self.train_set, pool, cfg.data.replay_ratio) if pool is not None else 0
+        self.batches = Batcher(
+            self.train_set, cfg.train.batch_size, cfg.seed, pin_memory=pin, replay=pool, replay_windows=k
+        )
+        if pool is not None:
+            self.log(
+                f"replay: {k} of the pool's {len(pool)} windows an epoch (data.replay_ratio="
+                f"{cfg.data.replay_ratio}), fresh text for {max(1, len(pool) // k)} epoch(s) before it repeats"
+            )
         self.val_batches = Batcher(
             self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False, pin_memory=pin
         )

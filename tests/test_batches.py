@@ -111,3 +111,39 @@ def test_batch_moves_to_a_device(pretrain_set):
         pinned = next(Batcher(pretrain_set, batch_size=4, seed=0, pin_memory=True).epoch(0))
         assert pinned.idx.is_pinned()
         assert torch.equal(pinned.to("cuda").targets.cpu(), batch.targets)
+
+
+def test_replay_learns_the_pools_next_windows_each_epoch(pretrain_set):
+    n, k, B = len(pretrain_set), 10, 7
+    pool = pretrain_set  # any TokenSet can be the pool; its windows are numbered n, n+1, ... in an epoch
+    batcher = Batcher(pretrain_set, batch_size=B, seed=0, replay=pool, replay_windows=k)
+    assert len(batcher) == -(-(n + k) // B)
+    replayed = []
+    for epoch in range(-(-len(pool) // k)):
+        seen = [int(i) for b in batcher.order(epoch) for i in b]
+        assert sorted(i for i in seen if i < n) == list(range(n)), "every dialogue window once an epoch"
+        mine = sorted(i - n for i in seen if i >= n)
+        assert len(mine) == k and mine == sorted(batcher.replayed(epoch).tolist())
+        replayed += batcher.replayed(epoch).tolist()  # in the pool's order
+    # until the pool is used up, no window is replayed twice; then every one has been
+    assert sorted(replayed[: len(pool)]) == list(range(len(pool)))
+    assert len(set(batcher.replayed(0)) & set(batcher.replayed(1))) == 0
+    # the windows themselves: a replayed one is the pool's, whole
+    got = flat(
+        Batcher(pretrain_set, 1, seed=0, shuffle=False, bucket=False, replay=pool, replay_windows=k).epoch(0)
+    )
+    for row, j in zip(got[n:], batcher.replayed(0)):
+        ids, mask = pool.get(int(j))
+        assert row[0] == [ids[:-1].tolist()] and row[1] == [ids[1:].masked_fill(~mask[1:], IGNORE).tolist()]
+    # deterministic, and resuming mid-epoch gives the rest exactly
+    again = Batcher(pretrain_set, batch_size=B, seed=0, replay=pool, replay_windows=k)
+    assert flat(again.epoch(3)) == flat(batcher.epoch(3))
+    assert flat(batcher.epoch(3, start=4)) == flat(batcher.epoch(3))[4:]
+
+
+def test_without_replay_the_order_is_unchanged(pretrain_set):
+    """A batcher given a pool but no replay windows, or none at all, orders batches as before replay."""
+    plain = Batcher(pretrain_set, batch_size=8, seed=5)
+    assert [b.tolist() for b in plain.order(2)] == [
+        b.tolist() for b in Batcher(pretrain_set, batch_size=8, seed=5, replay=pretrain_set).order(2)
+    ]

@@ -164,25 +164,34 @@ def test_build_tokenizer_is_cached(tmp_path):
     assert log[2].startswith("built vocabulary") and c.fingerprint != a.fingerprint
 
 
-def test_replay_adds_whole_documents_to_the_sft_training_split_only(tmp_path, tok):
+def test_replay_puts_whole_documents_in_a_pool_beside_the_sft_splits(tmp_path, tok):
     dialogues = [f"用户：第{i}个问题？助手：好的，我们去公园。" for i in range(30)]
     sft = write_lines(tmp_path / "d.txt", dialogues)
     pre = write_lines(tmp_path / "p.txt", DOCS)
     base = DataConfig([sft], "sft", val_fraction=0.2)
     train0, val0, _ = run(base, tok, tmp_path)
+    assert dataset.replay_set(train0) is None
     cfg = DataConfig([sft], "sft", val_fraction=0.2, replay_files=[pre], replay_fraction=0.5)
     train, val, _ = run(cfg, tok, tmp_path)
     picked = [d for d in DOCS if dataset.in_val(d, 0.5, salt="replay:")]
     assert 5 < len(picked) < 35, "the test corpus should have a real share picked"
-    assert train.stats["n_docs"] == train0.stats["n_docs"] + len(picked)
+    assert train.stats == train0.stats and all_ids(train) == all_ids(train0), "replay must not touch train"
     assert val.stats == val0.stats and all_ids(val) == all_ids(val0), "replay must not touch validation"
-    replayed = [tok.encode_pretrain(d) for d in picked]
-    windows = [train.get(i) for i in range(len(train))]
-    for ids in replayed:  # every picked document is there, learned whole like pretraining text
-        hits = [m for w, m in windows if w.tolist() == ids]
-        assert hits and bool(hits[0].all()), "a replayed document is missing or not learned whole"
-    not_picked = [tok.encode_pretrain(d) for d in DOCS if d not in picked]
-    assert not any(w.tolist() in not_picked for w, _ in windows)
+    pool = dataset.replay_set(train)
+    assert pool.stats["n_docs"] == len(picked)
+    # the pool is the picked documents, learned whole, packed: one stream of their tokens in order
+    stream = [t for d in picked for t in tok.encode_pretrain(d)]
+    got = [t for i in range(len(pool)) for t in pool.get(i)[0].tolist()[(i > 0) :]]
+    assert got == stream
+    assert all(bool(pool.get(i)[1].all()) for i in range(len(pool)))
+    assert all(n == 64 + 1 for n in pool.lengths[:-1]), "every window but the last is full"
+    # the replay ratio only sets how much of the pool an epoch learns: same cache
+    again = DataConfig(
+        [sft], "sft", val_fraction=0.2, replay_files=[pre], replay_fraction=0.5, replay_ratio=3
+    )
+    assert run(again, tok, tmp_path)[0].root == train.root
+    k = dataset.replay_windows(train, pool, 1.0)
+    assert abs(k * pool.n_tokens / len(pool) - train.n_tokens) <= pool.n_tokens / len(pool)
 
 
 def test_replay_is_for_sft_only(tmp_path, tok):

@@ -61,6 +61,7 @@ def test_mix_recipe_pretrains_then_tunes_with_replay(fetched):
     assert "starting instruction tuning from the pretrained model" in log and "/pretrain/mix/" in log
     n_replayed = int(log.split(" of them replayed pretraining text")[0].rsplit(", ", 1)[1])
     assert 40 < n_replayed < 120, f"replay_fraction=0.5 of 160 documents replayed {n_replayed}"
+    assert "windows an epoch (data.replay_ratio=1.0)" in log, "the replay pool is not rotated"
 
     chat = subprocess.run(
         [sys.executable, "-m", "rgpt.chat", "out_dir=out", "max_new_tokens=8"],

@@ -46,6 +46,7 @@ from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
+REPLAY_FORMAT = "replay-split/2"  # replayed documents in a split of their own (1: merged into train)
 KINDS = ("pretrain", "sft", "pairs")  # pairs: DPO's preference pairs, read by rgpt.data.preference
 
 
@@ -60,8 +61,13 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
     pack: bool = False  # pretrain: a split's documents as one stream cut into full windows (see above)
-    replay_files: list[str] = field(default_factory=list)  # sft: pretraining documents for the train split
-    replay_fraction: float = 0.0  # sft: the share of replay_files' documents replayed (see _replay)
+    replay_files: list[str] = field(
+        default_factory=list
+    )  # sft: pretraining documents learned beside the dialogues
+    replay_fraction: float = 0.0  # sft: the share of replay_files' documents in the replay pool (see _replay)
+    replay_ratio: float = (
+        1.0  # sft: replay tokens per dialogue token in each epoch, the pool's next windows in turn
+    )
     cache_dir: str = "outputs/.cache"  # where tokenized token sets are kept, one directory per key
     workers: int | None = None  # jieba processes; None: every core from 4 MB on (rgpt.data.encode)
 
@@ -75,6 +81,7 @@ class DataConfig:
             ("replay_fraction", 0 <= self.replay_fraction <= 1, "must be in [0, 1]"),
             ("replay_fraction", self.replay_fraction == 0 or self.replay_files, "needs data.replay_files"),
             ("replay_fraction", self.replay_fraction == 0 or self.kind == "sft", "applies to sft only"),
+            ("replay_ratio", self.replay_ratio > 0, "must be positive"),
             (
                 "pack",
                 not (self.pack and self.kind != "pretrain"),
@@ -199,9 +206,11 @@ def _items(cfg: DataConfig, paths, fixed: str | None):
 def _replay(cfg: DataConfig, paths: list[Path]):
     """("replay", document) for the replay_fraction of replay_files' documents that their hash picks.
 
-    Replay is meant to keep instruction tuning from wiping out what pretraining learned (a fixed 2% slice
-    did not, as measured in the README): its documents are learned whole, as in pretraining, beside the
-    dialogues, and never enter the validation split, whose loss stays that of held-out dialogues alone.
+    Replay keeps instruction tuning from wiping out what pretraining learned. The picked documents form a
+    pool of their own (the "replay" split, packed into full windows), from which each epoch learns the next
+    replay_ratio x its dialogue tokens (rgpt.data.batches.Batcher): fresh text every epoch until the pool
+    runs out, not one fixed slice learned by heart (which, measured in the README, did not help). Replay
+    never enters the validation split, whose loss stays that of held-out dialogues alone.
     """
     if paths:
         for text in read_pretrain(paths):
@@ -233,11 +242,11 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
         tok.fingerprint,
         block_size,
         # what changes the arrays: not where they are kept nor how many processes make them
-        {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "workers")}
+        {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "workers", "replay_ratio")}
         | {"files": None, "val_files": None, "replay_files": None},
         [file_digest(f) for f in files],
         [file_digest(f) for f in val_files],
-        [file_digest(f) for f in replay],
+        [REPLAY_FORMAT, [file_digest(f) for f in replay]] if replay else [],
     )
     root = Path(cache_dir) / key
     if (root / "meta.json").exists():
@@ -251,6 +260,8 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
     try:
         t0, n_chars, n_replay = time.perf_counter(), 0, 0
         out = {s: _SplitWriter(tmp, s, block_size, cfg.pack) for s in ("train", "val")}
+        if replay:
+            out["replay"] = _SplitWriter(tmp, "replay", block_size, pack=True)
         # (paths, their split), or None: each document's hash decides
         sources = [(files, "train"), (val_files, "val")] if val_files else [(files, None)]
         items = chain(
@@ -263,12 +274,16 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
             sent = lambda chunk: bar.update(sum(_utf8_size(item) for _, item in chunk))  # noqa: E731
             for split, ids, mask, learned, chars in encode(items, tok, everything, workers, sent):
                 n_replay += split == "replay"
-                out["train" if split == "replay" else split].add(ids, mask, learned)
+                out[split].add(ids, mask, learned)
                 n_chars += chars
         for w in out.values():
             w.close()
         seconds = time.perf_counter() - t0
         for split, w in out.items():
+            if w.stats["n_docs"] == 0 and split == "replay":
+                raise CorpusError(
+                    f"data.replay_fraction={cfg.replay_fraction} picks no document of {cfg.replay_files}"
+                )
             if w.stats["n_docs"] == 0:
                 how = f"val_files {cfg.val_files}" if val_files else f"val_fraction={cfg.val_fraction}"
                 raise CorpusError(f"empty {split} split of {', '.join(map(str, cfg.files))} ({how})")
@@ -281,8 +296,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
             "val_files": [str(f) for f in val_files],
             "replay_files": [str(f) for f in replay],
             "n_replay_docs": n_replay,
-            "train": out["train"].stats,
-            "val": out["val"].stats,
+            **{split: w.stats for split, w in out.items()},
             "seconds": seconds,
             "chars_per_s": n_chars / max(seconds, 1e-9),
         }
@@ -294,15 +308,26 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_docs = meta["train"]["n_docs"] + meta["val"]["n_docs"]
-    n_tok = meta["train"]["n_tokens"] + meta["val"]["n_tokens"]
-    unk = (meta["train"]["n_unk"] + meta["val"]["n_unk"]) / max(n_tok, 1)
+    splits = [meta[split] for split in ("train", "val", "replay") if split in meta]
+    n_docs, n_tok = sum(st["n_docs"] for st in splits), sum(st["n_tokens"] for st in splits)
+    unk = sum(st["n_unk"] for st in splits) / max(n_tok, 1)
     replayed = f", {meta['n_replay_docs']} of them replayed pretraining text" if replay else ""
     log(
         f"tokenized {n_docs} docs{replayed} ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
         f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s, {processes(workers)} → {root}"
     )
     return TokenSet(root, "train"), TokenSet(root, "val")
+
+
+def replay_set(train: TokenSet) -> "TokenSet | None":
+    """The replay pool prepared beside ``train`` (data.replay_fraction > 0), or None."""
+    meta = json.loads((train.root / "meta.json").read_text(encoding="utf-8"))
+    return TokenSet(train.root, "replay") if "replay" in meta else None
+
+
+def replay_windows(train: TokenSet, pool: TokenSet, ratio: float) -> int:
+    """Pool windows an epoch learns so that its replay tokens are ``ratio`` x the train split's tokens."""
+    return max(1, round(ratio * train.n_tokens / (pool.n_tokens / len(pool))))
 
 
 def build_tokenizer(
