@@ -54,7 +54,6 @@ def test_mix_recipe_pretrains_then_tunes_with_replay(fetched):
         "resume=true",
         f"data.files=[{sft}]",
         "train.max_epochs=2",
-        "data.replay_fraction=0.5",
     )
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     log = (root / "out" / "sft" / "mix" / "train.log").read_text(encoding="utf-8")
