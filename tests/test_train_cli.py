@@ -328,6 +328,21 @@ def test_stop_mid_epoch_by_max_steps_then_resume_is_bit_identical(corpus, pretra
 
 
 @pytest.mark.slow
+def test_sft_with_replay_stops_mid_epoch_and_resumes_bit_identically(corpus, pretrain, tmp_path):
+    """The replay pool rotates by epoch: a run stopped mid-epoch resumes onto the same windows."""
+    replay = [f"data.replay_files=[{corpus.pre}]", "data.replay_fraction=0.5", "data.replay_ratio=0.5"]
+    straight = copy_out_dir(pretrain[0], tmp_path / "straight")
+    proc = run_cli(corpus, straight, "resume=true", "train.max_epochs=3", *replay, stage="sft")
+    assert "windows an epoch (data.replay_ratio=0.5)" in proc.stdout, proc.stdout
+    split = copy_out_dir(pretrain[0], tmp_path / "split")
+    run_cli(corpus, split, "resume=true", "train.max_epochs=3", "train.max_steps=7", *replay, stage="sft")
+    proc = run_cli(corpus, split, "resume=true", "train.max_epochs=3", *replay, stage="sft")
+    assert "resumed at epoch 1" in proc.stdout, proc.stdout
+    final = [ckpt.find(run_dir(out, "sft") / "checkpoints", "final") for out in (straight, split)]
+    assert_same_weights(*final, "sft with replay: stop at step 7 + resume")
+
+
+@pytest.mark.slow
 def test_every_architecture_option_resumes_bit_identically(corpus, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_cli(corpus, straight, "train.max_epochs=3", *ALL_OPTIONS)
