@@ -73,8 +73,10 @@ class Batcher:
 
     def replayed(self, epoch: int) -> np.ndarray:
         """Pool indices of the windows ``epoch`` replays."""
-        k, n = self.replay_windows, len(self.pool) if self.replay_windows else 1
-        return self.pool[(epoch * k + np.arange(k)) % n] if k else np.zeros(0, np.int64)
+        k = self.replay_windows
+        if k == 0:
+            return np.zeros(0, np.int64)
+        return self.pool[(epoch * k + np.arange(k)) % len(self.pool)]
 
     def _lengths(self, items: np.ndarray) -> np.ndarray:
         n, out = len(self.ds), np.empty(len(items), np.int64)

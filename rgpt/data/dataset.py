@@ -61,13 +61,9 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
     pack: bool = False  # pretrain: a split's documents as one stream cut into full windows (see above)
-    replay_files: list[str] = field(
-        default_factory=list
-    )  # sft: pretraining documents learned beside the dialogues
-    replay_fraction: float = 0.0  # sft: the share of replay_files' documents in the replay pool (see _replay)
-    replay_ratio: float = (
-        1.0  # sft: replay tokens per dialogue token in each epoch, the pool's next windows in turn
-    )
+    replay_files: list[str] = field(default_factory=list)  # sft: documents learned beside the dialogues
+    replay_fraction: float = 0.0  # sft: share of replay_files' documents in the replay pool (see _replay)
+    replay_ratio: float = 1.0  # sft: replay tokens per dialogue token in each epoch (rgpt.data.batches)
     cache_dir: str = "outputs/.cache"  # where tokenized token sets are kept, one directory per key
     workers: int | None = None  # jieba processes; None: every core from 4 MB on (rgpt.data.encode)
 
