@@ -254,7 +254,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        t0, n_chars, n_replay = time.perf_counter(), 0, 0
+        t0, n_chars = time.perf_counter(), 0
         out = {s: _SplitWriter(tmp, s, block_size, cfg.pack) for s in ("train", "val")}
         if replay:
             out["replay"] = _SplitWriter(tmp, "replay", block_size, pack=True)
@@ -269,7 +269,6 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
         with _bar(n_bytes, f"tokenizing ({processes(workers)})") as bar:
             sent = lambda chunk: bar.update(sum(_utf8_size(item) for _, item in chunk))  # noqa: E731
             for split, ids, mask, learned, chars in encode(items, tok, everything, workers, sent):
-                n_replay += split == "replay"
                 out[split].add(ids, mask, learned)
                 n_chars += chars
         for w in out.values():
@@ -291,7 +290,6 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
             "files": [str(f) for f in files],
             "val_files": [str(f) for f in val_files],
             "replay_files": [str(f) for f in replay],
-            "n_replay_docs": n_replay,
             **{split: w.stats for split, w in out.items()},
             "seconds": seconds,
             "chars_per_s": n_chars / max(seconds, 1e-9),
@@ -307,7 +305,7 @@ def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tupl
     splits = [meta[split] for split in ("train", "val", "replay") if split in meta]
     n_docs, n_tok = sum(st["n_docs"] for st in splits), sum(st["n_tokens"] for st in splits)
     unk = sum(st["n_unk"] for st in splits) / max(n_tok, 1)
-    replayed = f", {meta['n_replay_docs']} of them replayed pretraining text" if replay else ""
+    replayed = f", {meta['replay']['n_docs']} of them replayed pretraining text" if replay else ""
     log(
         f"tokenized {n_docs} docs{replayed} ({n_chars} chars → {n_tok} tokens, <unk> rate {unk:.3%}) "
         f"in {seconds:.1f} s, {meta['chars_per_s']:,.0f} chars/s, {processes(workers)} → {root}"
