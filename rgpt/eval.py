@@ -1,221 +1,19 @@
 """python -m rgpt.eval [checkpoint=PATH] [data.path=FILE] [task=lm|sft] [key=value ...]
 
-Measures a checkpoint on a corpus in one streaming pass (every key: conf/eval.yaml):
-- task=lm: every passage (a line of a .txt, a {"text"} record, ...) is scored as in pretraining,
-  <bos> passage <eos>: each token of the passage and the closing <eos> is predicted from what precedes it.
-- task=sft: dialogues are scored as in instruction tuning (the assistant's tokens and their <eos>), and
-  each assistant turn is also decoded from the turns before it (greedy by default: every key of
-  conf/decode.yaml applies, as in chat) and compared with the reference: exact match and character F1.
-Reported: tokens scored, characters, mean loss (nats per token), perplexity, bits per character (total
-NLL in bits / characters of the scored text, comparable across tokenizers) and the <unk> rate. A passage
-longer than the window is scored with a sliding window: each token once, with at least half a window
-of context. The last line printed is one JSON object with these numbers.
+Measures a checkpoint on a corpus: loss, perplexity, bits per character, <unk> rate; with task=sft also
+the replies' exact match and character F1 (rgpt/inference/evaluate.py says how). The last line printed is
+one JSON object with these numbers. Every key: EvalConfig (`--cfg job` prints them).
 """
 
 import json
-import math
 import sys
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from rgpt.chat import SETTABLE, check_context_tokens, decode_settings, open_model, quote_text_overrides
-from rgpt.cli import ConfigError, hydra_main, setup_runtime
-from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
-from rgpt.generate import DecodeConfig, generate
-from rgpt.loss import IGNORE_INDEX as IGNORE
-from rgpt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
-
-TASKS = ("lm", "sft")
-
-
-@dataclass
-class EvalConfig:
-    data_path: str
-    checkpoint: str | None = None
-    out_dir: str = "outputs"
-    task: str = "lm"
-    batch_size: int = 16
-    decode: DecodeConfig = field(default_factory=DecodeConfig)  # conf/decode.yaml: how sft replies are made
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalConfig":
-        d = dict(d)
-        data = d.pop("data", None) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"data={data!r}: set the file with data.path=FILE")
-        path = data.get("path")
-        if path is None or not str(path).strip():
-            raise ConfigError(
-                "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
-            )
-        # context_tokens comes with conf/decode.yaml; chat and serve use it, eval scores whole dialogues
-        known = {"checkpoint", "out_dir", "task", "batch_size", "context_tokens", *SETTABLE}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown key {unknown[0]} (known: data.path, {', '.join(sorted(known))})")
-        v = d.get("batch_size", cls.batch_size)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"batch_size={v!r} must be a positive integer")
-        if d.get("task", "lm") not in TASKS:
-            raise ConfigError(f"task={d['task']!r} is not one of {', '.join(TASKS)}")
-        check_context_tokens(d.get("context_tokens"))
-        ckpt = d.get("checkpoint")
-        return cls(
-            data_path=str(path),
-            checkpoint=None if ckpt is None else str(ckpt),
-            out_dir=str(d.get("out_dir", cls.out_dir)),
-            task=d.get("task", cls.task),
-            batch_size=v,
-            decode=decode_settings(d),
-        )
-
-
-# ---- scoring -----------------------------------------------------------------------------------------
-def windows(ids: list[int], scored: list[bool], block_size: int) -> Iterator[tuple[list[int], list[int]]]:
-    """(inputs, targets) pieces of a sequence, each at most block_size long, together scoring every
-    position i >= 1 with scored[i] exactly once (targets: the id, or -100 where nothing is scored).
-
-    The first piece covers the start; each later one moves on by half a window, scoring only its last
-    half, so every later token is predicted from at least block_size / 2 tokens of context.
-    """
-    n, stride = len(ids), max(1, block_size // 2)
-    pos = 1  # first target position not yet scored
-    while pos < n:
-        end = min(pos + (block_size if pos == 1 else stride), n)  # targets [pos, end) are scored here
-        start = max(0, end - 1 - block_size)  # inputs ids[start:end - 1]
-        # the target at position i is predicted from the inputs up to i - 1
-        targets = [ids[i] if i >= pos and scored[i] else IGNORE for i in range(start + 1, end)]
-        yield ids[start : end - 1], targets
-        pos = end
-
-
-BUCKET = 32  # batches of windows gathered, sorted by length, then cut into batches: little padding
-
-
-class Scorer:
-    """Sums the NLL of the scored tokens over many sequences, batch_size windows per forward pass.
-
-    Windows are bucketed by length (BUCKET batches at a time), and each batch goes through the model's
-    fused loss, which projects only the positions with a target onto the vocabulary: no (B, T, V) logits
-    for padding or for the context half of a sliding window.
-    """
-
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size = model, batch_size
-        self.pending: list[tuple[list[int], list[int]]] = []
-        self.nll = 0.0  # nats, summed in float64
-        self.tokens = self.unk = 0
-
-    def add(self, ids: list[int], scored: list[bool]) -> None:
-        for piece in windows(ids, scored, self.model.config.block_size):
-            if any(t != IGNORE for t in piece[1]):  # a window with nothing to score costs nothing
-                self.pending.append(piece)
-        if len(self.pending) >= self.batch_size * BUCKET:
-            self.flush()
-
-    def flush(self) -> None:
-        pending, self.pending = sorted(self.pending, key=lambda p: len(p[0])), []
-        for i in range(0, len(pending), self.batch_size):
-            self._score(pending[i : i + self.batch_size])
-
-    def _score(self, pieces) -> None:
-        T = max(len(x) for x, _ in pieces)
-        idx = torch.full((len(pieces), T), PAD_ID, dtype=torch.long)
-        tgt = torch.full((len(pieces), T), IGNORE, dtype=torch.long)
-        for row, (x, y) in enumerate(pieces):  # right padding: causal attention never looks at it
-            idx[row, : len(x)], tgt[row, : len(y)] = torch.tensor(x), torch.tensor(y)
-        valid = tgt != IGNORE
-        n = int(valid.sum())
-        loss = self.model.forward(idx.to(self.model.device), tgt.to(self.model.device))  # mean over n
-        self.nll += float(loss.double()) * n
-        self.tokens += n
-        self.unk += int(((tgt == UNK_ID) & valid).sum())
-
-
-def char_f1(prediction: str, reference: str) -> float:
-    """F1 of the characters (as multisets, whitespace ignored) of a reply against the reference."""
-    pred, ref = Counter(prediction.replace(" ", "")), Counter(reference.replace(" ", ""))
-    common = sum((pred & ref).values())
-    if not pred or not ref:
-        return float(pred == ref)
-    if common == 0:
-        return 0.0
-    p, r = common / sum(pred.values()), common / sum(ref.values())
-    return 2 * p * r / (p + r)
-
-
-def _line_count(paths) -> int | None:
-    """Non-blank lines of the files (the passage count of .txt / .jsonl), for the progress bar; None for
-    .json arrays, whose item count is only known after parsing."""
-    try:
-        files = expand_paths(paths)
-    except CorpusError:
-        return None  # the reader reports it properly
-    if any(f.suffix == ".json" for f in files):
-        return None
-    n = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            n += sum(1 for line in fh if line.strip())
-    return n
-
-
-def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
-    """The metrics of `model` on cfg.data_path (see the module docstring); a dict ready for JSON."""
-    from tqdm import tqdm
-
-    scorer, chars, passages = Scorer(model, cfg.batch_size), 0, 0
-    exact, f1, prompts = 0, 0.0, 0
-    decode = cfg.decode
-    items = read_pretrain(cfg.data_path) if cfg.task == "lm" else read_dialogues(cfg.data_path)
-    bar = tqdm(
-        items,
-        total=_line_count(cfg.data_path),
-        unit=" passages" if cfg.task == "lm" else " dialogues",
-        disable=None if progress else True,  # None: shown on a terminal, silent in pipes and logs
-        file=sys.stderr,
-    )
-    for item in bar:
-        passages += 1
-        if cfg.task == "lm":
-            text = normalise(item)
-            ids = [BOS_ID, *tok.encode(text), EOS_ID]
-            scorer.add(ids, [False] + [True] * (len(ids) - 1))
-            chars += len(text)
-            continue
-        ids, mask = tok.encode_dialogue(item)
-        scorer.add(ids, mask)
-        for k, (role, content) in enumerate(item):
-            if role != "assistant":
-                continue
-            chars += len(normalise(content))
-            if k == 0 or item[k - 1][0] != "user":
-                continue  # no question to answer
-            reply = tok.decode(generate(model, tok.encode_prompt(item[:k]), decode))
-            exact += normalise(reply) == normalise(content)
-            f1 += char_f1(normalise(reply), normalise(content))
-            prompts += 1
-    scorer.flush()
-    bar.close()
-    if scorer.tokens == 0:
-        raise CorpusError(f"{cfg.data_path}: nothing to score (no passages with text)")
-    loss = scorer.nll / scorer.tokens
-    result = {
-        "tokens": scorer.tokens,
-        "chars": chars,
-        "loss": loss,
-        "ppl": math.exp(loss) if loss < 700 else None,  # None rather than the non-JSON Infinity
-        "bpc": scorer.nll / math.log(2) / chars if chars else None,
-        "unk_rate": scorer.unk / scorer.tokens,
-    }
-    if cfg.task == "sft":
-        result["exact_match"] = exact / prompts if prompts else None
-        result["char_f1"] = f1 / prompts if prompts else None
-    result["_passages"], result["_prompts"] = passages, prompts
-    return result
+from rgpt.cli import hydra_main, quote_text_overrides, settings
+from rgpt.data import CorpusError, expand_paths
+from rgpt.inference.evaluate import EvalConfig, evaluate
+from rgpt.inference.load import open_model
 
 
 def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
@@ -237,13 +35,10 @@ def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
     return "\n".join(lines)
 
 
-@hydra_main("eval")
+@hydra_main("eval", EvalConfig)
 def _main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    device = setup_runtime(raw.pop("device"), raw.pop("threads"), raw.pop("allocator"))
-    c = EvalConfig.from_dict(raw)
+    c = settings(EvalConfig, cfg)
+    device = c.runtime.apply()
     expand_paths(c.data_path)  # a missing file fails before the model loads
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)
     try:
@@ -257,7 +52,7 @@ def _main(cfg) -> None:
 
 
 def main() -> None:
-    sys.argv[1:] = quote_text_overrides(sys.argv[1:])
+    sys.argv[1:] = quote_text_overrides(sys.argv[1:], ("checkpoint", "out_dir", "data.path"))
     with torch.no_grad():
         _main()
 

@@ -1,6 +1,6 @@
 """python -m rgpt.inspect [checkpoint=PATH] [text=TEXT] [out=inspect.html] [png=PATH layer=N head=N] [...]
 
-See inside a trained model on one text (every key: conf/inspect.yaml). Writes one self-contained HTML page
+See inside a trained model on one text (every key: InspectConfig below; `--cfg job` prints them). Writes one self-contained HTML page
 (no network needed to open it) with:
 - every layer x head's attention as a heatmap over the jieba tokens, Chinese on both axes, the weight on hover;
 - a summary per head: entropy, how far back it looks, and whether it attends to the previous token, <bos>,
@@ -10,114 +10,60 @@ See inside a trained model on one text (every key: conf/inspect.yaml). Writes on
 With png=PATH, also a picture of one head (layer=, head=), drawn with the system's CJK font.
 """
 
-import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rgpt.chat import note, open_model, quote_text_overrides
-from rgpt.checkpoint import read_state
-from rgpt.cli import ConfigError, hydra_main, setup_runtime
-from rgpt.lens import display_token, head_summary, lens_top, look_inside
-from rgpt.tokenizer import SPECIALS, UNK_ID
+from rgpt.cli import hydra_main, quote_text_overrides, settings
+from rgpt.inference.conversation import note
+from rgpt.inference.load import open_model
+from rgpt.runtime.checkpoint import read_state
+from rgpt.runtime.device import RuntimeSettings
+from rgpt.settings import FLAT, ConfigError, check
+from rgpt.viz.lens import look_inside
+from rgpt.viz.page import encode, page_data, render_page
 
 TEMPLATES = ("auto", "plain", "prompt")
-PAGE = Path(__file__).resolve().parent / "web" / "inspect.html"
 
 
 @dataclass
 class InspectConfig:
+    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
+    # pretraining, with a notice)
     checkpoint: str | None = None
-    out_dir: str = "outputs"
-    text: str = "山脉是如何形成的？"
+    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    text: str = "山脉是如何形成的？"  # the text to look inside; the training sample prompt, so the page matches TensorBoard's
+    # prompt: chat's <bos><user> text <assistant>; plain: pretraining's <bos> text; auto: prompt for an sft
+    # checkpoint, else plain
     template: str = "auto"
-    out: str = "inspect.html"
-    png: str | None = None
-    layer: int = 0
-    head: int = 0
-    top_k: int = 5
-    font: str | None = None
+    out: str = (
+        "inspect.html"  # the page to write (attention of every layer x head, per-head summary, logit lens)
+    )
+    png: str | None = None  # also a PNG of one head here (e.g. png=head.png); None: the page only
+    layer: int = 0  # the PNG's layer (0 = the first block)
+    head: int = 0  # the PNG's head within that layer
+    top_k: int = (
+        5  # logit lens: how many likeliest tokens each cell lists on hover (the cell shows the first)
+    )
+    font: str | None = None  # the PNG's font file; None: the system's CJK font (Noto CJK, WenQuanYi, ...)
+    runtime: RuntimeSettings = field(
+        default_factory=RuntimeSettings, metadata=FLAT
+    )  # device, threads, allocator
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "InspectConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown key {unknown[0]} (known: {', '.join(sorted(known))})")
-        for key in ("layer", "head", "top_k"):
-            v = d.get(key, getattr(cls, key))
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "top_k" else 0):
-                raise ConfigError(
-                    f"{key}={v!r} must be a {'positive' if key == 'top_k' else 'non-negative'} integer"
-                )
-        if d.get("template", "auto") not in TEMPLATES:
-            raise ConfigError(f"template={d['template']!r} is not one of {', '.join(TEMPLATES)}")
-        text = lambda v: None if v is None else str(v)  # noqa: E731  (text=123 arrives as an int)
-        c = cls(
-            **{
-                k: (text(v) if k in ("checkpoint", "text", "out", "png", "font", "out_dir") else v)
-                for k, v in d.items()
-            }
-        )
-        if not (c.text or "").strip():
+    def validate(self) -> "InspectConfig":
+        for key in ("layer", "head"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be a non-negative integer")
+        check(self.top_k >= 1, "top_k", self.top_k, "must be a positive integer")
+        check(self.template in TEMPLATES, "template", self.template, f"is not one of {', '.join(TEMPLATES)}")
+        if not self.text.strip():
             raise ConfigError("text is empty: give the text to look inside, e.g. text=山脉是如何形成的？")
-        if not str(c.out).strip():
+        if not self.out.strip():
             raise ConfigError("out is empty: the HTML page to write, e.g. out=inspect.html")
-        return c
-
-
-def encode(tok, text: str, template: str, stage: str | None) -> tuple[list[int], str]:
-    """(ids, template used): `prompt` is chat's <bos><user> text <assistant>; `plain` is pretraining's
-    <bos> text; `auto` picks prompt for an instruction-tuned (sft) checkpoint, plain otherwise."""
-    if template == "auto":
-        template = "prompt" if stage == "sft" else "plain"
-    ids = tok.encode_prompt([("user", text)]) if template == "prompt" else tok.encode_pretrain(text)[:-1]
-    return ids, template
-
-
-def page_data(model, tok, ids: list[int], *, checkpoint, template: str, top_k: int) -> dict:
-    """Everything the page shows, as JSON-ready numbers and strings."""
-    inside = look_inside(model, ids)
-    tokens = [tok.tokens[i] for i in ids]
-    top = lens_top(inside.lens, ids, top_k)
-    L = model.config.n_layer
-    return {
-        "checkpoint": str(checkpoint),
-        "template": template,
-        "tokens": [display_token(t) for t in tokens],
-        "ids": ids,
-        "special": [i < len(SPECIALS) and i != UNK_ID for i in ids],
-        "n_layer": L,
-        "n_head": model.config.n_head,
-        "attention": [
-            [[[round(w, 4) for w in row] for row in head] for head in layer]
-            for layer in inside.attention.tolist()
-        ],
-        "heads": head_summary(inside.attention, ids, tokens),
-        "lens": {
-            "layers": ["嵌入 embedding"]
-            + [f"第 {i} 层后 after block {i}" for i in range(L - 1)]
-            + [f"第 {L - 1} 层后 = 输出 output"],
-            "top": [
-                [
-                    [[display_token(tok.tokens[i]), round(p, 4)] for i, p in zip(ti, tp)]
-                    for ti, tp in zip(li, lp)
-                ]
-                for li, lp in zip(top["ids"], top["probs"])
-            ],
-            "p_next": top["p_next"],
-            "rank_next": top["rank_next"],
-        },
-    }
-
-
-def render_page(data: dict) -> str:
-    """The page: the template with the data inlined (every '<' escaped, so no text can close the script)."""
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    return PAGE.read_text(encoding="utf-8").replace("{{DATA}}", blob)
+        self.runtime.validate()
+        return self
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -128,7 +74,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_png(model, tok, ids, c: InspectConfig) -> Path:
-    from rgpt.plot import head_image, load_fonts, save_png
+    from rgpt.viz.plot import head_image, load_fonts, save_png
 
     try:
         fonts = load_fonts(c.font, log=note)
@@ -154,13 +100,10 @@ def check_against(model, ids, c: InspectConfig) -> None:
         )
 
 
-@hydra_main("inspect")
+@hydra_main("inspect", InspectConfig)
 def _main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    device = setup_runtime(raw.pop("device"), raw.pop("threads"), raw.pop("allocator"))
-    c = InspectConfig.from_dict(raw)
+    c = settings(InspectConfig, cfg)
+    device = c.runtime.apply()
     model, tok, path = open_model(c.checkpoint, c.out_dir, device)
     ids, template = encode(tok, c.text, c.template, read_state(path).get("stage"))
     check_against(model, ids, c)

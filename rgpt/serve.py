@@ -1,82 +1,98 @@
 """python -m rgpt.serve [checkpoint=PATH] [port=8000] [api_key=KEY] [key=value ...]
 
-Serves a trained model over HTTP (every key: conf/serve.yaml and conf/decode.yaml): OpenAI's
+Serves a trained model over HTTP (every key: ServeConfig below; `--cfg job` prints them): OpenAI's
 POST /v1/chat/completions (streamed or not), GET /v1/models, GET /health, and a chat page at /.
-One model is loaded; requests queue and are decoded in turn by one worker thread (rgpt.engine).
+One model is loaded; requests queue and are decoded in turn by one worker thread (rgpt.inference.engine).
 The address it listens on is printed to stderr once it accepts connections; Ctrl-C stops it.
 """
 
 import socket
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import uvicorn
 
-from rgpt.api import Service, create_app
-from rgpt.chat import check_context_tokens, context_window, decode_settings, open_model, quote_text_overrides
-from rgpt.cli import ConfigError, hydra_main, setup_runtime
-from rgpt.engine import Engine
-from rgpt.generate import DecodeConfig
+from rgpt.cli import hydra_main, quote_text_overrides, settings
+from rgpt.inference.api import Service, create_app
+from rgpt.inference.conversation import ReplySettings, context_window
+from rgpt.inference.engine import Engine
+from rgpt.inference.generate import DecodeConfig
+from rgpt.inference.load import open_model
+from rgpt.runtime.device import RuntimeSettings
+from rgpt.settings import FLAT, ConfigError, check
 
-TEXT_KEYS = ("checkpoint", "out_dir", "host", "api_key", "model_name")  # quoted for Hydra (see rgpt.chat)
-INT_RANGES = {"port": (0, 65535), "max_active": (1,), "max_queue": (0,), "max_tokens_limit": (1,)}
-INT_RANGES["max_request_bytes"] = (1024,)
-DECODE_KEYS = {f.name for f in fields(DecodeConfig)} | {"context_tokens"}  # conf/decode.yaml
+TEXT_KEYS = ("checkpoint", "out_dir", "host", "api_key", "model_name")  # quoted for Hydra (see rgpt.cli)
 
 
 @dataclass
 class ServeConfig:
+    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
+    # pretraining, with a notice)
     checkpoint: str | None = None
-    out_dir: str = "outputs"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    model_name: str | None = None
-    max_active: int = 32
-    max_queue: int = 64
-    max_tokens_limit: int = 1024
-    max_request_bytes: int = 262144
-    context_tokens: int | None = None
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    host: str = "127.0.0.1"  # loopback: only this machine can connect; 0.0.0.0 opens the server to the network (set api_key then)
+    port: int = 8000  # 0: any free port (the address is printed at start)
+    api_key: str | None = (
+        None  # every /v1 request must send "Authorization: Bearer <key>"; None: no key (fine on loopback)
+    )
+    model_name: str | None = (
+        None  # the model's id in /v1/models and requests; None: rgpt-<stage>-<run>-<checkpoint>
+    )
+    max_active: int = (
+        32  # replies decoded together, a token each in turn: all start early; more wait in the queue
+    )
+    max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
+    max_tokens_limit: int = (
+        1024  # the most max_tokens a request may ask for (the window slides, so long replies work)
+    )
+    max_request_bytes: int = (
+        262144  # a larger request body is refused with 413 (256 KiB: far more text than the window)
+    )
+    # the defaults a request's fields override (method=, temperature=, ..., context_tokens=)
+    reply: ReplySettings = field(default_factory=ReplySettings, metadata=FLAT)
+    runtime: RuntimeSettings = field(
+        default_factory=RuntimeSettings, metadata=FLAT
+    )  # device, threads, allocator
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ServeConfig":
-        d = dict(d)
-        known = {f.name for f in fields(cls)} - {"decode"}
-        unknown = sorted(set(d) - known - DECODE_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown key {unknown[0]} (known: {', '.join(sorted(known | DECODE_KEYS))})")
-        decode = decode_settings(d)
-        if decode.method == "beam":
-            raise ConfigError("method=beam cannot stream replies; serve with method=greedy or method=sample")
-        ints = {key: check_int(key, d.get(key, getattr(cls, key)), *INT_RANGES[key]) for key in INT_RANGES}
-        if decode.max_new_tokens > ints["max_tokens_limit"]:
-            raise ConfigError(
-                f"max_new_tokens={decode.max_new_tokens} exceeds max_tokens_limit={ints['max_tokens_limit']}"
+    @property
+    def decode(self) -> DecodeConfig:
+        return self.reply.decode
+
+    @property
+    def context_tokens(self) -> int | None:
+        return self.reply.context_tokens
+
+    def validate(self) -> "ServeConfig":
+        for key, (low, high) in INT_RANGES.items():
+            v = getattr(self, key)
+            check(
+                low <= v <= (high or v),
+                key,
+                v,
+                f"must be an integer {f'in [{low}, {high}]' if high else f'>= {low}'}",
             )
-        if d.get("api_key") is not None and not str(d["api_key"]).strip():
+        self.reply.validate()
+        self.runtime.validate()
+        if self.decode.method == "beam":
+            raise ConfigError("method=beam cannot stream replies; serve with method=greedy or method=sample")
+        if self.decode.max_new_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                f"max_new_tokens={self.decode.max_new_tokens} exceeds max_tokens_limit={self.max_tokens_limit}"
+            )
+        if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty: give a key, or null for none")
-        text = lambda v: None if v is None else str(v)  # noqa: E731  (api_key=123 arrives as an int)
-        return cls(
-            checkpoint=text(d.get("checkpoint")),
-            out_dir=str(d.get("out_dir", cls.out_dir)),
-            host=str(d.get("host", cls.host)),
-            api_key=text(d.get("api_key")),
-            model_name=text(d.get("model_name")),
-            context_tokens=check_context_tokens(d.get("context_tokens")),
-            decode=decode,
-            **ints,
-        )
+        return self
 
 
-def check_int(key: str, v, low: int, high: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
-        raise ConfigError(
-            f"{key}={v!r} must be an integer " + (f"in [{low}, {high}]" if high else f">= {low}")
-        )
-    return v
+INT_RANGES = {
+    "port": (0, 65535),
+    "max_active": (1, None),
+    "max_queue": (0, None),
+    "max_tokens_limit": (1, None),
+}
+INT_RANGES["max_request_bytes"] = (1024, None)
 
 
 def model_id(path: Path) -> str:
@@ -142,20 +158,18 @@ def serve(c: ServeConfig, device) -> None:
         engine.join()
 
 
-@hydra_main("serve")
+@hydra_main("serve", ServeConfig)
 def _main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    device = setup_runtime(raw.pop("device"), raw.pop("threads"), raw.pop("allocator"))
+    c = settings(ServeConfig, cfg)
+    device = c.runtime.apply()
     try:
-        serve(ServeConfig.from_dict(raw), device)
+        serve(c, device)
     except KeyboardInterrupt:  # Ctrl-C is the way to stop a server: exit 0
         print("stopped", file=sys.stderr)
 
 
 def main() -> None:
-    sys.argv[1:] = quote_text_overrides(sys.argv[1:], keys=TEXT_KEYS)
+    sys.argv[1:] = quote_text_overrides(sys.argv[1:], TEXT_KEYS)
     with torch.no_grad():
         _main()
 

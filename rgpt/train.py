@@ -1,7 +1,7 @@
-"""python -m rgpt.train stage=pretrain|sft|dpo|lora [key=value ...]  (see conf/config.yaml for every key).
+"""python -m rgpt.train stage=pretrain|sft|dpo|lora [key=value ...]  (`--cfg job` prints every key).
 
 What training prints goes through the `rgpt` logger: to the console and, via Hydra's job logging
-(conf/hydra/job_logging/rgpt.yaml), to the run directory's train.log as it goes.
+(rgpt/conf/hydra/job_logging/rgpt.yaml), to the run directory's train.log as it goes.
 """
 
 import logging
@@ -11,22 +11,18 @@ from pathlib import Path
 
 import torch
 
-from rgpt.cli import ConfigError, hydra_main, resolve_precision, setup_runtime
-from rgpt.config import RunConfig
-from rgpt.distributed import Dist, DistError, hydra_overrides
+from rgpt.cli import hydra_main, settings
+from rgpt.runtime.device import resolve_precision
+from rgpt.stages import STAGES
+from rgpt.training.distributed import Dist, DistError, hydra_overrides
+from rgpt.training.settings import RunConfig, schema
 
 log = logging.getLogger("rgpt").info
 
 
 def load_run_config(cfg) -> RunConfig:
     """Hydra's composed config -> validated plain dataclasses (the only place omegaconf is touched)."""
-    from omegaconf import OmegaConf
-
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # an interpolation that does not resolve, e.g. a typo in ${...}
-        raise ConfigError(str(e).splitlines()[0]) from None
-    run = RunConfig.from_dict(raw)
+    run = settings(RunConfig, cfg, stages=STAGES)
     run.job = sweep_job(run)
     return run
 
@@ -42,28 +38,13 @@ def sweep_job(run: RunConfig) -> str | None:
     return None if job == "." else job
 
 
-def trainer_class(stage: str):
-    """The training loop of a stage: rgpt.trainer's, or a subclass with the stage's data and loss."""
-    if stage == "dpo":
-        from rgpt.dpo_trainer import DPOTrainer
-
-        return DPOTrainer
-    if stage == "lora":
-        from rgpt.lora_trainer import LoRATrainer
-
-        return LoRATrainer
-    from rgpt.trainer import Trainer
-
-    return Trainer
-
-
-@hydra_main("config")
+@hydra_main("config", schema(STAGES))
 def main(cfg) -> None:
     run = load_run_config(cfg)
-    device = setup_runtime(run.device, run.threads, run.allocator)
+    device = run.runtime.apply()
     run.precision = resolve_precision(run.precision, device, log=log)
     torch.set_grad_enabled(False)  # rgpt computes every gradient by hand
-    from rgpt.trainer import Stop
+    from rgpt.training.loop import Stop, Trainer
 
     dist = Dist.from_env(device.type, run.dist_timeout_s)  # under torchrun: join the other ranks
     if dist.world > 1 and device.type == "cuda":
@@ -74,7 +55,7 @@ def main(cfg) -> None:
             f"{dist.world} processes: some wait idle every step (use a multiple of {dist.world})"
         )
     try:
-        result = trainer_class(run.stage)(run, device, dist, log=log).run()
+        result = Trainer(run, STAGES[run.stage], device, dist, log=log).run()
         # leave together: once one rank exits non-zero (130 after a signal) torchrun kills the others,
         # which must not catch rank 0 in the middle of saving `last`
         dist.barrier("waiting for rank 0's last save")

@@ -58,8 +58,8 @@ def tokens_per_second(names, rounds: int = 5, steps: int = 3) -> dict[str, float
     import yaml
 
     sys.path.insert(0, str(REPO))
-    from rgpt.model import GPT, GPTConfig
-    from rgpt.optim import Adam
+    from rgpt.nn.model import GPT, GPTConfig
+    from rgpt.nn.optim import Adam
 
     small = yaml.safe_load((REPO / "conf" / "model" / "small.yaml").read_text(encoding="utf-8"))
     small.pop("defaults")

@@ -24,9 +24,10 @@ from pathlib import Path
 import bench_measure as bm
 import torch
 
-from rgpt.cli import ALLOCATORS, CORPUS_DIR, friendly, resolve_device, set_allocator
-from rgpt.data import build_tokenizer, tokenize_throughput
-from rgpt.tokenizer import PAD_ID
+from rgpt.cli import friendly
+from rgpt.data import CORPUS_DIR, build_tokenizer, tokenize_throughput
+from rgpt.data.tokenizer import PAD_ID
+from rgpt.runtime.device import ALLOCATORS, resolve_device, set_allocator
 
 SECTIONS = ("train", "memory", "generate", "tokenizer", "epoch", "profile")
 SHAPES = {"base": [(16, 24), (4, 256)], "small": [(16, 24), (8, 128)], "quick": [(4, 8), (2, 32)]}
@@ -339,7 +340,7 @@ def main(argv=None):
     tok = None
     if args.vocab is None or args.only & {"tokenizer", "epoch"}:
         files = {"pretrain": args.pretrain, "sft": args.sft}
-        tok = build_tokenizer(files, 2, 20000, False, args.cache_dir, log=log)  # conf/config.yaml's settings
+        tok = build_tokenizer(files, 2, 20000, False, args.cache_dir, log=log)  # TokenizerSettings' defaults
     V = args.vocab or tok.vocab_size
     ceiling = {p: bm.matmul_flops(args.matmul_n, DTYPES[p], device) for p in PRECISIONS}
     n = args.matmul_n

@@ -24,8 +24,8 @@ def measure(core: str, T: int, B: int, H: int, D: int, repeats: int, device: str
     sys.path.insert(0, str(REPO))
     import torch
 
-    from rgpt.attention import StandardCore
-    from rgpt.flash import FlashCore
+    from rgpt.nn.attention import StandardCore
+    from rgpt.nn.flash import FlashCore
 
     torch.manual_seed(0)
     q, k, v, dy = (torch.randn(B, H, T, D, device=device) for _ in range(4))

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from rgpt.cli import CONF_DIR
 from rgpt.data import Batcher, DataConfig, prepare
-from rgpt.generate import DecodeConfig, generate
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam, clip_coef
+from rgpt.inference.generate import DecodeConfig, generate
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam, clip_coef
 
 ROOT = Path(__file__).resolve().parent.parent
-LR, CLIP = 5e-4, 5.0  # the pretraining stage's learning rate and clip norm (conf/)
+LR, CLIP = 5e-4, 5.0  # the pretraining stage's learning rate and clip norm (rgpt/conf/stage/pretrain.yaml)
 TINY = dict(n_embd=32, n_head=4, n_layer=2, n_hidden=64, block_size=32)  # --quick only
 # a throwaway model that loads torch's kernels before memory is measured
 WARM = dict(n_embd=8, n_head=2, n_layer=1, n_hidden=8, block_size=8)
@@ -34,12 +35,12 @@ class NotAvailable(Exception):
 
 
 def model_config(name: str, vocab_size: int, dropout: float) -> GPTConfig:
-    """GPTConfig of conf/model/<name>.yaml (or the tiny --quick shape) with the given vocabulary."""
+    """GPTConfig of rgpt/conf/model/<name>.yaml (or the tiny --quick shape) with the given vocabulary."""
     if name == "quick":
         arch = dict(TINY)
     else:
-        arch = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text(encoding="utf-8")) or {}
-        arch.pop("defaults", None)  # the rest is what the preset changes from GPTConfig's defaults
+        # what the preset changes from GPTConfig's defaults
+        arch = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text(encoding="utf-8")) or {}
     arch["dropout"] = dropout
     return GPTConfig(vocab_size=vocab_size, **arch)
 

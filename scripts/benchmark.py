@@ -25,13 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rgpt.cli import CORPUS_DIR  # noqa: E402
+from rgpt.data import CORPUS_DIR  # noqa: E402
 from rgpt.data.corpus import read_dialogues  # noqa: E402
 from rgpt.data.dataset import DataConfig, in_val  # noqa: E402
-from rgpt.tokenizer import normalise  # noqa: E402
+from rgpt.data.tokenizer import normalise  # noqa: E402
 
 QUESTIONS = REPO / "benchmarks" / "unseen_questions.txt"
-VAL_FRACTION = DataConfig.val_fraction  # the split sft trains with by default (conf/config.yaml)
+VAL_FRACTION = DataConfig.val_fraction  # the split sft trains with by default (DataConfig's default)
 
 
 def split_dialogues(tmp: Path) -> dict[str, Path]:

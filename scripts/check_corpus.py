@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rgpt.data.corpus import ROLES, CorpusError, expand_paths, parse_chat, records
-from rgpt.tokenizer import IDIOMS_PATH
+from rgpt.data.tokenizer import IDIOMS_PATH
 
 DEFAULT_ROOT = IDIOMS_PATH.parent
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

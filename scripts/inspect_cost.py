@@ -24,7 +24,7 @@ def trainer_for(model: str, threads: int, out_dir: Path):
     from hydra import compose, initialize_config_dir
 
     from rgpt.train import load_run_config  # registers the ${corpus:...} resolver
-    from rgpt.trainer import Trainer
+    from rgpt.training.loop import Trainer
 
     overrides = [f"model={model}", f"out_dir={out_dir}", "checkpoint.strategy=none", "monitor.progress=false"]
     overrides += ["monitor.diagnostics_every=1", f"threads={threads}"]
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100, help="the diagnostics interval to report the share at")
     ap.add_argument("--gradcheck-every", type=int, default=1000)
     args = ap.parse_args()
-    from rgpt.gradcheck import gradient_check
-    from rgpt.monitor import Monitor
+    from rgpt.training.gradcheck import gradient_check
+    from rgpt.training.monitor import Monitor
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(args.model, args.threads, Path(tmp))

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' server helper and tiny model
-from rgpt.cli import CORPUS_DIR  # noqa: E402
+from rgpt.data import CORPUS_DIR  # noqa: E402
 from tests.fixtures_serve import Server  # noqa: E402
 
 
@@ -101,8 +101,8 @@ def batching_probe(checkpoint, threads: int, rows: int, steps: int = 48) -> dict
     position in every row; real batching would also need a position and a mask per row)."""
     import torch
 
-    from rgpt.chat import open_model
-    from rgpt.generate import Window
+    from rgpt.inference.generate import Window
+    from rgpt.inference.load import open_model
 
     torch.set_num_threads(threads)
     with torch.no_grad():

@@ -25,12 +25,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from rgpt import checkpoint as ckpt  # noqa: E402
-from rgpt.config import LoRASettings  # noqa: E402
 from rgpt.data.preference import prepare_pairs  # noqa: E402
-from rgpt.dpo_trainer import score_pairs  # noqa: E402
-from rgpt.lora import Adapters  # noqa: E402
-from rgpt.optim import Adam  # noqa: E402
+from rgpt.nn.lora import Adapters, LoRASettings  # noqa: E402
+from rgpt.nn.optim import Adam  # noqa: E402
+from rgpt.runtime import checkpoint as ckpt  # noqa: E402
+from rgpt.stages.dpo import score_pairs  # noqa: E402
 
 PROMPTS = ["山脉是如何形成的？", "你好", "3加5等于几？", "天为什么会下雪？", "你能帮我写作业吗？"]
 
@@ -151,7 +150,7 @@ def main() -> None:
         if ckpt.find(out / stage / "m17" / "checkpoints", "final") is None:
             cli("rgpt.train", *args, *common)
         if stage == "lora" and ckpt.find(out / "lora" / "m17" / "merged", "final") is None:
-            cli("rgpt.lora", "merge", str(out / "lora" / "m17"))
+            cli("rgpt.nn.lora", "merge", str(out / "lora" / "m17"))
 
     em_data = taught_subset(out / "taught_first.jsonl", a.em)
     sft, lora_ckpt = best(out, "sft"), best(out, "lora")

@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from rgpt.checkpoint import save
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam
-from rgpt.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam
+from rgpt.runtime.checkpoint import save
 
 DIALOGUES = [
     [("user", "山脉是如何形成的？"), ("assistant", "山脉主要由板块碰撞挤压形成。")],

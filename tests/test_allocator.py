@@ -7,12 +7,13 @@ import textwrap
 
 import pytest
 
-from rgpt.cli import ConfigError, set_allocator
+from rgpt.runtime.device import set_allocator
+from rgpt.settings import ConfigError
 
 PROBE = textwrap.dedent(
     """
     import ctypes, sys, torch
-    from rgpt.cli import set_allocator
+    from rgpt.runtime.device import set_allocator
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",

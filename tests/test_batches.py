@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rgpt.data import IGNORE, Batcher, DataConfig, prepare
-from rgpt.tokenizer import SPECIALS, Tokenizer
+from rgpt.data.tokenizer import SPECIALS, Tokenizer
 
 BLOCK = 8
 

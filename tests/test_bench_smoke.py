@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rgpt.model import GPT, GPTConfig
+from rgpt.nn.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench.py"

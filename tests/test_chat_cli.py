@@ -12,20 +12,13 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from rgpt.chat import (
-    SETTABLE,
-    Chat,
-    ChatConfig,
-    Conversation,
-    hydra_quote,
-    open_model,
-    quote_text_overrides,
-    set_decode,
-)
-from rgpt.cli import CONF_DIR, ConfigError
-from rgpt.generate import DecodeConfig
+from rgpt.chat import TEXT_KEYS, ChatConfig
+from rgpt.cli import hydra_quote, quote_text_overrides
+from rgpt.inference.conversation import SETTABLE, Chat, Conversation, set_decode
+from rgpt.inference.generate import DecodeConfig
+from rgpt.inference.load import open_model
+from rgpt.settings import ConfigError, defaults, load
 from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, save_tiny, trained
 
@@ -103,7 +96,7 @@ def test_prompts_survive_hydra_quoting():
         value = parser.parse_override(f"prompt={hydra_quote(text)}").value()
         assert OmegaConf.create({"prompt": value}).prompt == text, f"{text!r} came back as {value!r}"
     given = ["prompt=你好", "method=beam", "prompt='\"as is\"'", "checkpoint=null", "+out_dir=输出"]
-    assert quote_text_overrides(given) == [
+    assert quote_text_overrides(given, TEXT_KEYS) == [
         "prompt='你好'",
         "method=beam",
         "prompt='\"as is\"'",
@@ -255,8 +248,8 @@ def test_long_and_unknown_input_still_get_an_answer(capsys):
 
 
 def test_chat_config_from_yaml_values():
-    c = ChatConfig.from_dict({"prompt": 123, "top_k": "5", "seed": None, "context_tokens": 32})
-    assert c.prompt == "123" and c.decode.top_k == 5 and c.context_tokens == 32
+    c = load(ChatConfig, {"prompt": 123, "top_k": "5", "seed": None, "context_tokens": 32})
+    assert c.prompt == "123" and c.reply.decode.top_k == 5 and c.reply.context_tokens == 32
     for bad, why in [
         ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
         ({"temperature": "hot"}, "temperature='hot' is not a number"),
@@ -264,11 +257,11 @@ def test_chat_config_from_yaml_values():
         ({"colour": "blue"}, "unknown key colour"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(why)):
-            ChatConfig.from_dict(bad)
+            load(ChatConfig, bad)
     with pytest.raises(ConfigError, match="context_tokens"):
-        ChatConfig.from_dict({"context_tokens": 2})
+        load(ChatConfig, {"context_tokens": 2})
     with pytest.raises(ConfigError, match="beam_width"):
-        ChatConfig.from_dict({"beam_width": 0})
+        load(ChatConfig, {"beam_width": 0})
     model, tok, _ = trained()
     with pytest.raises(ConfigError, match="window of 64"):
         Chat(model, tok, DecodeConfig(), context_tokens=65)
@@ -282,12 +275,14 @@ def test_open_model_resolves_run_directories(tiny_run):
     assert open_model(None, out_dir, torch.device("cpu"))[2] == ckpt
 
 
-def test_every_decoding_setting_is_settable_with_set_and_in_the_yaml():
-    """DecodeConfig is the one list: /set, conf/decode.yaml and serve's keys all follow its fields."""
+def test_every_decoding_setting_is_settable_with_set_and_on_the_command_line():
+    """DecodeConfig is the one list: /set and chat's, eval's and serve's keys all follow its fields."""
+    from rgpt.inference.evaluate import EvalConfig
+    from rgpt.serve import ServeConfig
+
     names = {f.name for f in dataclasses.fields(DecodeConfig)}
     assert set(SETTABLE) == names
-    yaml_keys = set(yaml.safe_load((CONF_DIR / "decode.yaml").read_text(encoding="utf-8"))) - {
-        "context_tokens"
-    }
-    assert yaml_keys == names, f"conf/decode.yaml lacks {names - yaml_keys} or has extra {yaml_keys - names}"
+    for cls in (ChatConfig, EvalConfig, ServeConfig):
+        keys = set(defaults(cls))
+        assert names <= keys, f"{cls.__name__} lacks {names - keys}"
     assert set_decode(DecodeConfig(), "min_new_tokens", "3").min_new_tokens == 3

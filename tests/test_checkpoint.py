@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rgpt import checkpoint as ckpt
-from rgpt.checkpoint import CheckpointError
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam
-from rgpt.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.runtime.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,10 +182,10 @@ import json, os, random, signal, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)  # no thread pool across fork
-from rgpt import checkpoint as ckpt
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam
-from rgpt.tokenizer import Tokenizer
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam
+from rgpt.data.tokenizer import Tokenizer
 
 d, report, rnd, step = Path(sys.argv[1]), {"damaged": [], "kills": 0}, random.Random(), 0
 tok = Tokenizer.build(["你好世界"], min_freq=1, idioms=())
@@ -237,7 +237,7 @@ def test_sigkill_at_random_moments_of_save_never_leaves_a_damaged_checkpoint(tmp
 def test_a_checkpoint_from_the_other_kind_of_device_resumes_with_fresh_dropout_masks():
     """A CUDA generator's state (16 bytes) cannot be set on a CPU generator (5,056 bytes): the masks are
     reseeded from it, reproducibly, and the log says so. Found resuming a GPU run on a CPU."""
-    from rgpt.startup import rng_state, set_rng_state
+    from rgpt.training.start import rng_state, set_rng_state
 
     model = GPT(GPTConfig(vocab_size=11, n_embd=8, n_head=2, n_layer=1, n_hidden=8, block_size=4))
     same = rng_state(model)

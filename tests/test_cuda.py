@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from rgpt.model import GPT
-from rgpt.optim import Adam
+from rgpt.nn.model import GPT
+from rgpt.nn.optim import Adam
 from tests.helpers import assert_close
 from tests.reference import reference_from
 from tests.test_model import batch, make_model, reference_grads, tiny_config

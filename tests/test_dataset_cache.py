@@ -8,7 +8,7 @@ import pytest
 
 import rgpt.data.dataset as dataset
 from rgpt.data import CorpusError, DataConfig, build_tokenizer, prepare
-from rgpt.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from rgpt.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 DOCS = [f"第{i}篇：今天天气很好，我们去公园散步，看见了{i % 7}只小猫。" for i in range(40)]
 

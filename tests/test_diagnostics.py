@@ -1,4 +1,4 @@
-"""The training-health statistics (rgpt.diagnostics) against numbers known without them: dead units made
+"""The training-health statistics (rgpt.training.diagnostics) against numbers known without them: dead units made
 dead on purpose, Adam's first step (lr * sign of the gradient), block norms that add up to the global norm,
 and attention entropy against a direct computation."""
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rgpt.diagnostics import GROUPS, StepProbe, block_of
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam, clip_coef
-from rgpt.tokenizer import PAD_ID
+from rgpt.data.tokenizer import PAD_ID
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam, clip_coef
+from rgpt.training.diagnostics import GROUPS, StepProbe, block_of
 
 VOCAB = 30
 
@@ -103,7 +103,7 @@ def test_gradient_norms_and_adams_first_update_ratio():
 
 
 def test_histograms_count_every_value_in_equal_bins():
-    from rgpt.monitor import histogram
+    from rgpt.training.monitor import histogram
 
     v = torch.tensor([[-1.0, 0.0, 0.5], [1.0, 1.0, 3.0]])
     h = histogram(v, bins=4)  # bins of width 1 from -1 to 3
@@ -114,7 +114,7 @@ def test_histograms_count_every_value_in_equal_bins():
 
 
 def test_swiglu_units_whose_gate_is_in_the_flat_tail_are_inactive():
-    from rgpt.layers import swiglu_hidden
+    from rgpt.nn.layers import swiglu_hidden
 
     model, idx, targets = model_and_batch("swiglu")
     width = swiglu_hidden(model.config.n_hidden)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rgpt import checkpoint as ckpt
-from rgpt.distributed import Dist, hydra_overrides
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.training.distributed import Dist, hydra_overrides
 from tests.helpers import ALL_OPTIONS, assert_close, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent

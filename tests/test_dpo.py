@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from rgpt.data import CorpusError
 from rgpt.data.preference import PairBatcher, PairSet, collate_pairs, parse_pair, prepare_pairs, read_pairs
-from rgpt.dpo import DPOLoss
-from rgpt.dpo_trainer import reference_logprobs, score_pairs
-from rgpt.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID, Tokenizer
+from rgpt.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID, Tokenizer
+from rgpt.nn.dpo import DPOLoss
+from rgpt.stages.dpo import reference_logprobs, score_pairs
 from tests.helpers import assert_close
 from tests.reference import reference_from
 from tests.test_model import make_model

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rgpt import checkpoint as ckpt
+from rgpt.runtime import checkpoint as ckpt
 from tests.test_dpo import PAIRS
 from tests.test_train_cli import (
     assert_one_line_error,

@@ -8,7 +8,7 @@ import pytest
 
 import rgpt.data.encode as encode
 from rgpt.data import DataConfig, build_tokenizer, corpus_texts, prepare
-from rgpt.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer
 
 # documents with repeated words, a few rare ones, Latin text and numbers, so min_freq and ties matter
 DOCS = [

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from rgpt.cli import ConfigError
 from rgpt.data import CorpusError
-from rgpt.eval import EvalConfig, Scorer, char_f1, evaluate, windows
-from rgpt.generate import DecodeConfig
-from rgpt.model import GPT, GPTConfig
-from rgpt.tokenizer import BOS_ID, EOS_ID, UNK_ID
+from rgpt.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
+from rgpt.inference.evaluate import EvalConfig, EvalData, Scorer, char_f1, evaluate, windows
+from rgpt.inference.generate import DecodeConfig
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.settings import ConfigError, load
 from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, trained
 from tests.helpers import assert_close
@@ -119,14 +119,14 @@ def test_bad_settings_name_the_key():
         ({"colour": 1}, "colour"),
     ]:
         with pytest.raises(ConfigError, match=key):
-            EvalConfig.from_dict({"data": {"path": "x.txt"}, **bad})
+            load(EvalConfig, {"data": {"path": "x.txt"}, **bad})
 
 
 def test_empty_corpus_is_a_corpus_error(tmp_path):
     model, tok, _ = trained()
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     with pytest.raises(CorpusError, match="empty corpus"):
-        evaluate(model, tok, EvalConfig(data_path=str(tmp_path / "empty.txt")), progress=False)
+        evaluate(model, tok, EvalConfig(data=EvalData(str(tmp_path / "empty.txt"))), progress=False)
 
 
 # ---- the sliding window ----------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_a_passage_longer_than_the_window_is_scored_in_full(tmp_path):
     model, tok, _ = trained()
     text = "山脉主要由板块碰撞挤压形成。一年有四个季节。" * 8  # 104 tokens through a 64-token window
     (tmp_path / "long.txt").write_text(text + "\n", encoding="utf-8")
-    got = evaluate(model, tok, EvalConfig(data_path=str(tmp_path / "long.txt")), progress=False)
+    got = evaluate(model, tok, EvalConfig(data=EvalData(str(tmp_path / "long.txt"))), progress=False)
     assert got["tokens"] == len(tok.encode(text)) + 1 > 64 + 32 and got["chars"] == len(text)
     assert math.isfinite(got["loss"]) and got["bpc"] == pytest.approx(
         got["loss"] * got["tokens"] / math.log(2) / len(text)
@@ -192,15 +192,16 @@ def test_char_f1():
 
 def test_every_decoding_setting_reaches_eval_from_the_one_list():
     """conf/decode.yaml's keys (DecodeConfig's fields) are eval's too: no second list to forget one in."""
-    cfg = EvalConfig.from_dict(
+    cfg = load(
+        EvalConfig,
         {
             "data": {"path": "x.txt"},
             "method": "beam",
             "beam_width": 3,
             "min_new_tokens": 2,
             "max_new_tokens": 7,
-        }
+        },
     )
     assert (cfg.decode.method, cfg.decode.beam_width, cfg.decode.min_new_tokens) == ("beam", 3, 2)
     assert cfg.decode.max_new_tokens == 7
-    assert EvalConfig.from_dict({"data": {"path": "x.txt"}}).decode == DecodeConfig(), "defaults: greedy"
+    assert load(EvalConfig, {"data": {"path": "x.txt"}}).decode == DecodeConfig(), "defaults: greedy"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rgpt.generate import (
+from rgpt.inference.generate import (
     DecodeConfig,
     Window,
     beam_search,
@@ -19,7 +19,7 @@ from rgpt.generate import (
     top_k_filter,
     top_p_filter,
 )
-from rgpt.model import GPT, GPTConfig
+from rgpt.nn.model import GPT, GPTConfig
 from tests import fixtures_ckpt
 from tests.helpers import assert_close
 

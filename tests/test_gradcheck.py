@@ -1,12 +1,13 @@
-"""The live gradient check (rgpt.gradcheck): quiet on the correct hand-written backward, in float64, with
+"""The live gradient check (rgpt.training.gradcheck): quiet on the correct hand-written backward, in float64, with
 dropout and ReLU; loud, naming the parameter, on a deliberately broken one; and invisible to the training
 run it checks (its weights, gradients and random streams)."""
 
 import pytest
 import torch
 
-from rgpt import gradcheck, layers
-from rgpt.model import GPT, GPTConfig
+from rgpt.nn import layers
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.training import gradcheck
 
 VOCAB = 40
 

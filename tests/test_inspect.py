@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rgpt import plot
-from rgpt.lens import head_summary, is_punctuation, lens_top, look_inside
-from rgpt.tokenizer import BOS_ID
+from rgpt.data.tokenizer import BOS_ID
+from rgpt.viz import plot
+from rgpt.viz.lens import head_summary, is_punctuation, lens_top, look_inside
 from tests import fixtures_ckpt
 from tests.fixtures_ckpt import run_cli, trained
 from tests.helpers import assert_close
@@ -205,8 +205,8 @@ def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, override, needle):
 def test_lens_and_attention_with_every_architecture_option():
     """RoPE, RMSNorm, SwiGLU, tied embeddings and the flash core: the lens still ends at the logits, and a
     flash model is read through the standard core (same maths, weights kept), then left as it was."""
-    from rgpt.flash import FlashCore
-    from rgpt.model import GPT, GPTConfig
+    from rgpt.nn.flash import FlashCore
+    from rgpt.nn.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     kw = dict(vocab_size=40, n_embd=16, n_head=2, n_layer=2, n_hidden=24, block_size=16, dropout=0.1)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgpt.attention import CausalSelfAttention, Rotary, StandardCore
-from rgpt.flash import FlashCore
-from rgpt.layers import (
+from rgpt.nn.attention import CausalSelfAttention, Rotary, StandardCore
+from rgpt.nn.flash import FlashCore
+from rgpt.nn.layers import (
     FEW_ROWS,
     MLP,
     Dropout,
@@ -20,7 +20,7 @@ from rgpt.layers import (
     _few_rows,
     sinusoidal_positions,
 )
-from rgpt.loss import CrossEntropy
+from rgpt.nn.loss import CrossEntropy
 from tests.helpers import assert_close, autograd_grads
 from tests.reference import rope
 

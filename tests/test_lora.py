@@ -4,12 +4,11 @@ step 0, merged == unmerged logits, and a frozen base that training never touches
 import pytest
 import torch
 
-from rgpt.cli import ConfigError
-from rgpt.config import LoRASettings
-from rgpt.layers import Linear
-from rgpt.lora import Adapters, LoRALinear
-from rgpt.model import GPT
-from rgpt.optim import Adam
+from rgpt.nn.layers import Linear
+from rgpt.nn.lora import Adapters, LoRALinear, LoRASettings
+from rgpt.nn.model import GPT
+from rgpt.nn.optim import Adam
+from rgpt.settings import ConfigError
 from tests.helpers import assert_close, autograd_grads
 from tests.reference import reference_from
 from tests.test_model import batch, make_model, tiny_config

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rgpt import checkpoint as ckpt
-from rgpt.chat import open_model
-from rgpt.checkpoint import CheckpointError
-from rgpt.lora import merge_checkpoint
+from rgpt.inference.load import open_model
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.runtime.adapters import merge_checkpoint
+from rgpt.runtime.checkpoint import CheckpointError
 from tests.test_train_cli import (
     assert_one_line_error,
     ckpts,
@@ -73,7 +73,7 @@ def test_pretrain_then_lora_then_merge_then_chat(straight):
         f"h.{i}.{t}.lora_{m}" for i in (0, 1) for t in ("attn.c_attn", "mlp.c_fc") for m in "AB"
     )
 
-    merged_out = run([sys.executable, "-m", "rgpt.lora", "merge", str(run_dir(out, "lora"))])
+    merged_out = run([sys.executable, "-m", "rgpt.nn.lora", "merge", str(run_dir(out, "lora"))])
     (merged,) = ckpt.list_checkpoints(run_dir(out, "lora") / "merged", "final")
     assert str(merged) in merged_out.stdout
     w0, w = weights(base), weights(merged)

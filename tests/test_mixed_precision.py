@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rgpt import optim
-from rgpt.model import GPT
-from rgpt.optim import Adam, clip_grad_norm_
+from rgpt.nn import optim
+from rgpt.nn.model import GPT
+from rgpt.nn.optim import Adam, clip_grad_norm_
 from tests.reference import reference_from
 from tests.test_model import OPTIONS, batch, make_model, tiny_config
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rgpt import optim
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam, clip_coef, clip_grad_norm_
+from rgpt.nn import optim
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam, clip_coef, clip_grad_norm_
 from tests.helpers import assert_close
 from tests.reference import reference_from
 

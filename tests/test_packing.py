@@ -7,7 +7,7 @@ import torch
 
 from rgpt.data import IGNORE, Batcher, DataConfig, prepare
 from rgpt.data.dataset import in_val
-from rgpt.tokenizer import BOS_ID, EOS_ID, Tokenizer, normalise
+from rgpt.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, normalise
 
 # lengths from a few tokens to several windows, so windows hold many documents and documents span windows
 DOCS = [f"第{i}篇：{'今天天气很好，' * (i % 9 + 1)}我们看见了{i % 7}只小猫。" for i in range(40)]

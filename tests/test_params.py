@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rgpt import checkpoint as ckpt
-from rgpt.model import GPT, GPTConfig
-from rgpt.optim import Adam
-from rgpt.params import ParamStore
-from rgpt.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer
+from rgpt.nn.model import GPT, GPTConfig
+from rgpt.nn.optim import Adam
+from rgpt.nn.params import ParamStore
+from rgpt.runtime import checkpoint as ckpt
 
 BF16 = torch.bfloat16
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from rgpt.config import TrainSettings
-from rgpt.schedule import learning_rate
+from rgpt.nn.schedule import learning_rate
+from rgpt.training.settings import TrainSettings
 
 
 def settings(**kw) -> TrainSettings:

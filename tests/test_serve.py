@@ -15,11 +15,11 @@ import openai
 import pytest
 import torch
 
-from rgpt import overrides
-from rgpt.chat import ReplyText
-from rgpt.cli import ConfigError
-from rgpt.generate import DecodeConfig, generate
+from rgpt.cli import overrides
+from rgpt.inference.conversation import ReplyText
+from rgpt.inference.generate import DecodeConfig, generate
 from rgpt.serve import ServeConfig, listen, model_id, serve
+from rgpt.settings import ConfigError
 from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, trained
 from tests.fixtures_serve import Server

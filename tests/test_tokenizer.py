@@ -2,7 +2,7 @@
 
 import pytest
 
-from rgpt.tokenizer import (
+from rgpt.data.tokenizer import (
     ASSISTANT_ID,
     BOS_ID,
     EOS_ID,

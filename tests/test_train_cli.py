@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rgpt import checkpoint as ckpt
-from rgpt.diagnostics import GROUPS
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.training.diagnostics import GROUPS
 from tests.helpers import ALL_OPTIONS, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -539,7 +539,7 @@ def make_trainer(corpus, out_dir, *extra):
 
     from rgpt.cli import CONF_DIR
     from rgpt.train import load_run_config  # importing it registers the ${corpus:...} resolver
-    from rgpt.trainer import Trainer
+    from rgpt.training.loop import Trainer
 
     overrides = cli_args(corpus, out_dir, *extra)[3:]  # drop `python -m rgpt.train`
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -583,7 +583,7 @@ def test_non_finite_steps_are_skipped_reported_and_leave_the_weights_alone(corpu
 
 
 def test_max_bad_steps_in_a_row_stop_the_run_with_a_message(corpus, tmp_path):
-    from rgpt.trainer import Stop
+    from rgpt.training.loop import Stop
 
     # a huge learning rate blows the weights up after the first update: every later loss is non-finite
     tr, logs = make_trainer(

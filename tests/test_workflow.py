@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rgpt import checkpoint as ckpt
-from rgpt import cli, overrides
-from rgpt.config import TrainSettings
-from rgpt.monitor import estimate_eta
+from rgpt import cli
+from rgpt.cli import overrides
+from rgpt.runtime import checkpoint as ckpt
+from rgpt.runtime import device as rdevice
+from rgpt.training.monitor import estimate_eta
+from rgpt.training.settings import TrainSettings
 from tests.fixtures_ckpt import run_cli as run_entry
 from tests.test_train_cli import (
     REPO,
@@ -173,7 +175,9 @@ def test_unknown_keys_are_matched_with_their_siblings_first(config, typo, sugges
     with pytest.raises(cli.ConfigError) as e:
         overrides.check_overrides(config, [f"{typo}=1"])
     assert str(e.value) == f"unknown key '{typo}' (did you mean '{suggestion}'?)"
-    with pytest.raises(cli.ConfigError, match="see conf/config.yaml for every key"):
+    with pytest.raises(
+        cli.ConfigError, match=re.escape("see `python -m rgpt.train --cfg job` for every key")
+    ):
         overrides.check_overrides("config", ["train.bogus=1"])  # nothing close to bogus among train's keys
 
 
@@ -189,8 +193,8 @@ def test_inference_entry_points_take_the_shared_keys(module, tmp_path):
 def test_shared_keys_are_checked():
     for args, needle in [(("auto", 0, "keep"), "threads=0"), (("auto", None, "fast"), "allocator='fast'")]:
         with pytest.raises(cli.ConfigError, match=re.escape(needle)):
-            cli.setup_runtime(*args)
-    assert cli.setup_runtime("cpu", None, "system") == torch.device("cpu")
+            rdevice.setup_runtime(*args)
+    assert rdevice.setup_runtime("cpu", None, "system") == torch.device("cpu")
 
 
 def test_a_sweep_over_a_group_checks_every_choice():
@@ -213,14 +217,14 @@ def test_sweep_job_names_hold_only_the_swept_keys():
 # ---- the emulated-bf16 notice -------------------------------------------------------------------------------
 def test_bf16_without_native_support_says_so_and_fp32_does_not(monkeypatch):
     said = []
-    monkeypatch.setattr(cli, "native_bf16", lambda device: False)
-    assert cli.resolve_precision("bf16", torch.device("cpu"), log=said.append) == "bf16"
+    monkeypatch.setattr(rdevice, "native_bf16", lambda device: False)
+    assert rdevice.resolve_precision("bf16", torch.device("cpu"), log=said.append) == "bf16"
     assert len(said) == 1 and "precision=bf16 will be slow here" in said[0] and "precision=fp32" in said[0]
-    assert cli.resolve_precision("fp32", torch.device("cpu"), log=said.append) == "fp32"
-    assert cli.resolve_precision("auto", torch.device("cpu"), log=said.append) == "fp32"
-    monkeypatch.setattr(cli, "native_bf16", lambda device: True)
-    assert cli.resolve_precision("bf16", torch.device("cpu"), log=said.append) == "bf16"
-    assert cli.resolve_precision("auto", torch.device("cpu"), log=said.append) == "bf16"
+    assert rdevice.resolve_precision("fp32", torch.device("cpu"), log=said.append) == "fp32"
+    assert rdevice.resolve_precision("auto", torch.device("cpu"), log=said.append) == "fp32"
+    monkeypatch.setattr(rdevice, "native_bf16", lambda device: True)
+    assert rdevice.resolve_precision("bf16", torch.device("cpu"), log=said.append) == "bf16"
+    assert rdevice.resolve_precision("auto", torch.device("cpu"), log=said.append) == "bf16"
     assert len(said) == 1, said
 
 

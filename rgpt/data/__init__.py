@@ -5,6 +5,9 @@ Names are imported on first use, so that ``rgpt.data.fetch`` and the tokenizing 
 """
 
 import importlib
+from pathlib import Path
+
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"  # the built-in corpus, inside the package
 
 _HOME = {
     "IGNORE": "batches",

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from rgpt.data.dataset import TokenSet
-from rgpt.loss import IGNORE_INDEX as IGNORE  # the target value the loss skips
-from rgpt.tokenizer import PAD_ID
+from rgpt.data.tokenizer import PAD_ID
+from rgpt.nn.loss import IGNORE_INDEX as IGNORE  # the target value the loss skips
 
 BUCKET_GROUPS = 50  # batches per length-sorted group: padding stays small, order stays random
 REPLAY_STREAM = 7  # seeds the replay pool's order apart from the epochs' orders (seed, epoch)

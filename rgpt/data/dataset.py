@@ -42,7 +42,8 @@ from rgpt.data.corpus import (
 )
 from rgpt.data.encode import auto_workers, count, encode, processes
 from rgpt.data.npyfile import NpyWriter
-from rgpt.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
+from rgpt.data.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
+from rgpt.settings import INTERNAL, check
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
@@ -56,7 +57,8 @@ class DataConfig:
     sets `kind` from the stage)."""
 
     files: list[str] = field(default_factory=list)  # corpus files and/or directories of one training stage
-    kind: str = "pretrain"  # "pretrain" (documents), "sft" (dialogues) or "pairs" (dpo)
+    # "pretrain" (documents), "sft" (dialogues) or "pairs" (dpo): set by the stage, never in a config
+    kind: str = field(default="pretrain", metadata=INTERNAL)
     val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead
     assistant_only_loss: bool = True  # sft: learn assistant tokens only; user turns are context
@@ -88,6 +90,29 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: {why}")
         return self
+
+
+CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (tokenizer.files)
+
+
+@dataclass
+class TokenizerSettings:
+    # corpora the vocabulary is built from, by kind (pretrain, sft): both stages', so sft's words are known from
+    # the start (conf/data/*.yaml name them)
+    files: dict = field(default_factory=dict)
+    min_freq: int = 2  # words seen fewer times are spelled with their characters (every character is kept)
+    max_size: int = 20000  # vocabulary cap, most frequent first
+    hmm: bool = False  # jieba's HMM guesses new words; off keeps segmentation a pure dictionary lookup
+
+    def validate(self):
+        check(
+            set(self.files) <= set(CORPUS_KINDS),
+            "tokenizer.files",
+            sorted(self.files),
+            "keys must be pretrain/sft",
+        )
+        check(self.min_freq >= 1, "tokenizer.min_freq", self.min_freq, "must be at least 1")
+        check(self.max_size >= 16, "tokenizer.max_size", self.max_size, "must be at least 16")
 
 
 def _key(*parts) -> str:

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from rgpt.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters a task: large enough that sending it costs far less than segmenting it
 AHEAD = 2  # chunks in flight per worker

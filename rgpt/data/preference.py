@@ -22,7 +22,7 @@ import torch
 from rgpt.data.batches import Batch, Batcher, collate
 from rgpt.data.corpus import CorpusError, expand_paths, records
 from rgpt.data.dataset import in_val
-from rgpt.tokenizer import EOS_ID, Tokenizer, normalise
+from rgpt.data.tokenizer import EOS_ID, Tokenizer, normalise
 
 KEYS = ("prompt", "conversations", "chosen", "rejected", "kind")
 

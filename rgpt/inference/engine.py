@@ -1,0 +1,145 @@
+"""One model answering many requests: a worker thread that decodes every active reply in turn, a token each.
+
+Requests wait in a bounded queue; up to `max_active` replies are decoded at once. Each reply is its own
+`stream` (rgpt.inference.generate) with its own Window of KV caches and its own random generator, so tokens cannot
+cross between conversations, and taking turns token by token lets every reply start early instead of
+waiting for all earlier ones to finish. A reply whose client went away is dropped at its next turn.
+
+The worker thread owns the model; the web server's event loop only submits, cancels and reads events.
+Events reach a reply's asyncio queue through call_soon_threadsafe: ("text", new text) as it is decoded,
+then ("end", finish_reason, tokens generated); or ("error", HTTP status, message) if decoding failed
+or the server is shutting down.
+"""
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from rgpt.inference.conversation import ReplyText
+from rgpt.inference.generate import DecodeConfig, stream
+
+
+class Busy(Exception):
+    """The queue is full: the request should be retried later."""
+
+
+@dataclass(eq=False)
+class Reply:
+    """One request being answered. The web side reads `events`; the worker writes them."""
+
+    prompt: list[int]
+    decode: DecodeConfig
+    stop: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the web side when its client left; the worker drops the reply
+    done: bool = False
+
+
+class Engine:
+    """The queue of replies and the thread that decodes them (start() it; stop() ends it)."""
+
+    def __init__(self, model, tok, max_active: int, max_queue: int):
+        self.model, self.tok = model, tok
+        self.max_active, self.max_queue = max_active, max_queue
+        self.waiting: collections.deque[Reply] = collections.deque()
+        self.active: list[tuple[Reply, object, ReplyText]] = []  # (reply, its token iterator, its text)
+        self.served = 0
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="rgpt-decode", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """End every reply, active or waiting (its client is told the server is shutting down), and then
+        the thread; returns at once (join() waits for the thread)."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+
+    def counts(self) -> dict:
+        with self.lock:
+            return {"active": len(self.active), "queued": len(self.waiting), "served": self.served}
+
+    def submit(self, reply: Reply) -> Reply:
+        """Queue a reply, or raise Busy when max_active are decoding and max_queue more are waiting."""
+        with self.lock:
+            if len(self.active) + len(self.waiting) >= self.max_active + self.max_queue:
+                raise Busy(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(reply)
+            self.lock.notify()
+        return reply
+
+    def cancel(self, reply: Reply) -> None:
+        """The client left: a waiting reply leaves the queue now, an active one at its next turn."""
+        with self.lock:
+            reply.cancelled = True
+            if reply in self.waiting:
+                self.waiting.remove(reply)
+
+    # ---- the worker thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread: inference here, as in chat
+        while True:
+            with self.lock:
+                while not (self.stopping or self.waiting or self.active):
+                    self.lock.wait()
+                if self.stopping:
+                    for reply in [*(entry[0] for entry in self.active), *self.waiting]:
+                        self._post(reply, ("error", 503, "the server is shutting down"))
+                    self.active, self.waiting = [], collections.deque()
+                    return
+                while self.waiting and len(self.active) < self.max_active:
+                    reply = self.waiting.popleft()
+                    tokens = stream(self.model, reply.prompt, reply.decode)  # seeded by decode.seed if set
+                    self.active.append((reply, tokens, ReplyText(self.tok, reply.stop)))
+                turn = list(self.active)
+            for entry in turn:  # one token each, outside the lock: submit and cancel never wait for a step
+                self._step(*entry)
+            with self.lock:
+                finished = sum(reply.done for reply, _, _ in self.active)
+                self.served += finished
+                if finished:
+                    self.active = [entry for entry in self.active if not entry[0].done]
+
+    def _step(self, reply: Reply, tokens, text: ReplyText) -> None:
+        if reply.cancelled:
+            tokens.close()
+            reply.done = True
+            return
+        try:
+            token = next(tokens)  # the first call prefills the prompt
+        except StopIteration:  # a stop id, or max_new_tokens reached
+            ended = len(text.ids) >= reply.decode.max_new_tokens
+            return self._finish(reply, text, "length" if ended else "stop")
+        except Exception as e:  # a reply fails alone; the server and the other replies go on
+            reply.done = True
+            return self._post(reply, ("error", 500, f"decoding failed: {type(e).__name__}: {e}"))
+        new = text.add(token)
+        if new:
+            self._post(reply, ("text", new))
+        if text.stopped:
+            tokens.close()
+            self._finish(reply, text, "stop")
+
+    def _finish(self, reply: Reply, text: ReplyText, reason: str) -> None:
+        held = text.rest()
+        if held:
+            self._post(reply, ("text", held))
+        reply.done = True
+        self._post(reply, ("end", reason, len(text.ids)))
+
+    @staticmethod
+    def _post(reply: Reply, event: tuple) -> None:
+        try:
+            reply.loop.call_soon_threadsafe(reply.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server is shutting down)
+            reply.cancelled = True

@@ -1,0 +1,29 @@
+"""Opening a trained model for inference: a checkpoint, a run directory, or the newest trained one."""
+
+from pathlib import Path
+
+from rgpt.inference.conversation import note
+from rgpt.runtime.checkpoint import CheckpointError, default_for_inference, find, load_model
+
+
+def open_model(checkpoint, out_dir, device):
+    """(model, tokenizer, checkpoint path): `checkpoint` (a checkpoint, a run or its checkpoints/ dir) or,
+    when None, the best checkpoint of the newest SFT run under out_dir (else pretraining, with a notice)."""
+    if checkpoint is None:
+        path = default_for_inference(out_dir, warn=lambda m: note(f"note: {m}"))
+        if path is None:
+            raise CheckpointError(
+                f"no trained checkpoint found under {out_dir}/ (looked in {out_dir}/sft/*/checkpoints and "
+                f"{out_dir}/pretrain/*/checkpoints). Train one first: python -m rgpt.train stage=pretrain, "
+                "then python -m rgpt.train stage=sft; or pass checkpoint=PATH"
+            )
+    else:
+        path = Path(checkpoint)
+        if not (path / "state.json").exists():  # a run directory or its checkpoints/ directory also do
+            for ckpt_dir in (path / "checkpoints", path):
+                found = [find(ckpt_dir, kind, warn=note) for kind in ("best", "final", "last")]
+                if any(found):
+                    path = next(f for f in found if f)
+                    break
+    model, tok, _ = load_model(path, device=device)
+    return model, tok, path

@@ -1,0 +1,169 @@
+"""Multi-head causal self-attention with a hand-written backward, plus the KV-cache path for decoding.
+
+Shapes follow the legend in rgpt/layers.py (B, T, C, H, D).
+"""
+
+import math
+
+import torch
+
+from rgpt.nn.layers import Layer, Linear
+
+
+class KVCache:
+    """Keys and values of every position decoded so far, for one layer: (B, H, T_max, D) each."""
+
+    def __init__(self, batch, n_head, max_len, head_size, *, device, dtype):
+        self.k = torch.zeros(batch, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # positions [0, length) are filled
+
+    def reorder(self, index):
+        """Keep rows `index` of the batch (beam search reorders hypotheses after each step)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class Rotary:
+    """RoPE: each pair (x_i, x_{i+D/2}) of a query or key is rotated by the angle pos * 10000^(-2i/D).
+
+    The score q_t . k_s then depends on t - s only. A rotation's inverse is its transpose, so the
+    backward of `rotate` is `rotate(..., inverse=True)`. The tables are float32 at least.
+    """
+
+    def __init__(self, head_size, n_pos, *, device, dtype):
+        half = head_size // 2
+        inv_freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) * 2 / head_size)  # (D/2,)
+        angle = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq  # (n_pos, D/2)
+        wide = dict(device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.cos, self.sin = angle.cos().to(**wide), angle.sin().to(**wide)
+
+    def rotate(self, x, start, inverse=False):  # x: (B, H, T, D), positions start .. start + T - 1
+        T, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, D/2)
+        sin = -sin if inverse else sin
+        x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class StandardCore:
+    """softmax(Q K^T / sqrt(D) + mask) V with the whole (T, T) matrix of weights kept for the backward."""
+
+    def __init__(self, future):
+        self.future = future  # (T_max, T_max) bool, True above the diagonal
+        self.cache = None
+
+    def forward(self, q, k, v, key_padding_mask=None):  # q, k, v: (B, H, T, D)
+        T = q.shape[-2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        # products in the compute dtype; the softmax and its gradient in float32 at least
+        scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
+        scores.mul_(scale)  # (B, H, T, T)
+        mask = self.future[:T, :T]
+        if key_padding_mask is not None:
+            mask = mask | key_padding_mask[:, None, None, :]  # (B, 1, T, T)
+        scores.masked_fill_(mask, float("-inf"))
+        att = torch.softmax(scores, dim=-1)  # (B, H, T, T)
+        if key_padding_mask is not None:
+            att.nan_to_num_(0.0)  # a row whose keys are all masked is all -inf: its output is zeros, not NaN
+        self.cache = (q, k, v, att, scale)
+        return torch.matmul(att.to(v.dtype), v)  # (B, H, T, D)
+
+    def backward(self, dy):  # dy: (B, H, T, D) -> dq, dk, dv
+        q, k, v, att, scale = self.cache
+        # y = att @ v
+        datt = torch.matmul(dy, v.transpose(-2, -1)).to(att.dtype)  # (B, H, T, T)
+        dv = torch.matmul(att.to(dy.dtype).transpose(-2, -1), dy)  # (B, H, T, D)
+        # att = softmax(scores): dscores = att * (datt - sum(att * datt)); masked entries have att == 0
+        dscores = datt.sub_((att * datt).sum(-1, keepdim=True)).mul_(att).to(q.dtype)
+        # scores = q @ k^T * scale
+        dq = torch.matmul(dscores, k).mul_(scale)  # (B, H, T, D)
+        dk = torch.matmul(dscores.transpose(-2, -1), q).mul_(scale)  # (B, H, T, D)
+        self.cache = None
+        return dq, dk, dv
+
+
+class CausalSelfAttention(Layer):
+    """softmax(Q K^T / sqrt(D) + mask) V over H heads, then an output projection.
+
+    rope: rotate q and k by their positions (Rotary) instead of adding positions to the input.
+    flash: the tiled core of rgpt/flash.py, which never holds the (T, T) weights; decoding with a KV cache
+    always takes the plain product below (one query row at a time has no (T, T) matrix to avoid).
+    """
+
+    def __init__(self, n_embd, n_head, block_size, *, std, proj_std, device, dtype, rope=False, flash=False):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head = n_head
+        self.c_attn = Linear(n_embd, 3 * n_embd, std=std, device=device, dtype=dtype)  # [q | k | v]
+        self.c_proj = Linear(n_embd, n_embd, std=proj_std, device=device, dtype=dtype)
+        # True above the diagonal: position t may not look at s > t
+        self.future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
+        head_size = n_embd // n_head
+        self.rotary = Rotary(head_size, block_size, device=device, dtype=dtype) if rope else None
+        if flash:
+            from rgpt.nn.flash import FlashCore  # imported here: only flash models need it
+
+            self.core = FlashCore()
+        else:
+            self.core = StandardCore(self.future)
+
+    def sublayers(self):
+        return {"c_attn": self.c_attn, "c_proj": self.c_proj}
+
+    def _heads(self, qkv):  # (B, T, 3C) -> three (B, H, T, D)
+        B, T, C3 = qkv.shape
+        qkv = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head))
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+
+    def _rotate(self, q, k, start=0, inverse=False):
+        if self.rotary is None:
+            return q, k
+        return self.rotary.rotate(q, start, inverse), self.rotary.rotate(k, start, inverse)
+
+    def forward(self, x, key_padding_mask=None):
+        """x: (B, T, C); key_padding_mask: optional (B, T) bool, True where the key is padding."""
+        B, T, C = x.shape
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        q, k = self._rotate(q, k)
+        y = self.core.forward(q, k, v, key_padding_mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.c_proj.forward(y)
+
+    def last_attention(self):
+        """The (B, H, T, T) attention weights of the last forward, until its backward (rgpt.viz.lens and
+        rgpt.training.diagnostics read them); None after the flash core, which never holds them."""
+        cache = getattr(self.core, "cache", None)
+        return cache[3] if isinstance(self.core, StandardCore) and cache is not None else None
+
+    def backward(self, dout):  # dout: (B, T, C)
+        B, T, C = dout.shape
+        H = self.n_head
+        dy = self.c_proj.backward(dout).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        dq, dk, dv = self.core.backward(dy)
+        dq, dk = self._rotate(dq, dk, inverse=True)  # q' = R q: dq = R^T dq'
+        dqkv = torch.stack((dq, dk, dv.to(dq.dtype)), dim=0)  # (3, B, H, T, D)
+        dqkv = dqkv.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # (B, T, 3C), inverse of _heads
+        return self.c_attn.backward(dqkv)
+
+    def forward_cached(self, x, cache: KVCache):
+        """Inference only: x (B, T_new, C) holds the positions after the cache's; appends their k, v.
+
+        The cache is float32 at least (see GPT.new_kv_caches) and the products run in it, but they are
+        rounded to the compute dtype where forward() rounds them, so both give the same logits.
+        """
+        B, T, C = x.shape
+        start = cache.length
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        q, k = self._rotate(q, k, start)  # the cache holds keys already rotated by their own positions
+        low, wide = q.dtype, cache.k.dtype  # compute dtype (bfloat16 under mixed precision), cache dtype
+        cache.k[:, :, start : start + T] = k
+        cache.v[:, :, start : start + T] = v
+        cache.length = end = start + T
+        scores = torch.matmul(q.to(wide), cache.k[:, :, :end].transpose(-2, -1)).to(low).to(wide)
+        scores.mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, end)
+        scores.masked_fill_(self.future[start:end, :end], float("-inf"))  # new rows of the causal mask
+        att = torch.softmax(scores, dim=-1).to(low).to(wide)
+        y = torch.matmul(att, cache.v[:, :, :end]).to(low)  # (B, H, T, D)
+        return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))
