@@ -57,7 +57,7 @@ class InspectConfig:
         for key in ("layer", "head"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be a non-negative integer")
         check(self.top_k >= 1, "top_k", self.top_k, "must be a positive integer")
-        check(self.template in TEMPLATES, "template", self.template, f"is not one of {', '.join(TEMPLATES)}")
+        check(self.template in TEMPLATES, "template", self.template, f"must be one of {', '.join(TEMPLATES)}")
         if not self.text.strip():
             raise ConfigError("text is empty: give the text to look inside, e.g. text=山脉是如何形成的？")
         if not self.out.strip():

@@ -193,7 +193,7 @@ def test_the_png_shows_the_chosen_head(page):
 
 @pytest.mark.parametrize(
     "override, needle",
-    [("layer=2", "layer=2: the model has 2 layers"), ("template=chat", "template='chat' is not one of")],
+    [("layer=2", "layer=2: the model has 2 layers"), ("template=chat", "template='chat': must be one of")],
 )
 def test_bad_settings_are_one_line_errors(tiny_run, tmp_path, override, needle):
     _, ckpt = tiny_run

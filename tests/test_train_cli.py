@@ -488,9 +488,10 @@ def test_invalid_config_is_a_one_line_error_naming_the_key(corpus, tmp_path, ove
 
 def test_an_override_of_a_key_not_in_the_config_is_one_line_without_traceback(corpus, tmp_path):
     proc = run_cli(corpus, tmp_path, "train.bogus=1", rc=1)
-    assert proc.stderr == "error: unknown key 'train.bogus' (see conf/config.yaml for every key)\n", (
+    assert (
         proc.stderr
-    )
+        == "error: unknown key 'train.bogus' (see `python -m rgpt.train --cfg job` for every key)\n"
+    ), proc.stderr
     assert not list(Path(tmp_path).glob("*/*/checkpoints"))
 
 
@@ -539,13 +540,14 @@ def make_trainer(corpus, out_dir, *extra):
 
     from rgpt.cli import CONF_DIR
     from rgpt.train import load_run_config  # importing it registers the ${corpus:...} resolver
+    from rgpt.stages import STAGES
     from rgpt.training.loop import Trainer
 
     overrides = cli_args(corpus, out_dir, *extra)[3:]  # drop `python -m rgpt.train`
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = load_run_config(compose(config_name="config", overrides=overrides))
     logs = []
-    return Trainer(cfg, torch.device("cpu"), log=logs.append), logs
+    return Trainer(cfg, STAGES[cfg.stage], torch.device("cpu"), log=logs.append), logs
 
 
 def poison(trainer, when):

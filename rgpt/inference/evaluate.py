@@ -67,7 +67,7 @@ class EvalConfig:
                 "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
             )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be a positive integer")
-        check(self.task in TASKS, "task", self.task, f"is not one of {', '.join(TASKS)}")
+        check(self.task in TASKS, "task", self.task, f"must be one of {', '.join(TASKS)}")
         try:
             self.decode.check()
         except ValueError as e:

@@ -4,6 +4,11 @@ with rollback, checkpoints, exact resume, and clean stops on Ctrl-C / SIGTERM.
 The loop is handed a stage (rgpt/training/stage.py) and asks it for its data, its trainable parameters,
 its forward/backward, its validation and its metrics; it never asks which stage it is.
 
+At ~480 lines this module is longer than the others, on purpose: it is one object whose fields are the run's
+position (epoch, batch, step, best loss, patience), and every method reads and moves them. Read top to
+bottom, it is the run's steps in order; what is not the loop lives beside it (stage, start, glimpses,
+monitor, distributed).
+
 A step takes `grad_accum` micro-batches from the epoch's fixed order. Under torch.distributed each rank
 computes its share of those micro-batches and the gradients are summed, so a step is the same whatever
 the number of processes, and a run can resume with a different one.
@@ -17,12 +22,12 @@ import numpy as np
 import torch
 
 from rgpt.data.tokenizer import PAD_ID
-from rgpt.inference.generate import DecodeConfig, generate
 from rgpt.nn.optim import Adam, clip_coef
 from rgpt.nn.schedule import learning_rate
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.training.diagnostics import StepProbe
 from rgpt.training.distributed import Dist
+from rgpt.training.glimpses import Glimpses
 from rgpt.training.monitor import Monitor, Timers, estimate_eta, format_seconds, peak_memory_mb, ppl
 from rgpt.training.settings import RunConfig
 from rgpt.training.stage import Context
@@ -84,7 +89,7 @@ class Trainer:
         self._deadline, self._time_up = math.inf, False  # max_minutes, by rank 0's clock
         self._eta = None  # the last step's ETA (monitor.Eta)
         self._probe = None  # this step's diagnostics (monitor.diagnostics), when it has them
-        self._fonts = None  # the attention images' fonts, loaded at the first image
+        self.glimpses = Glimpses(self.model, self.tok, cfg.monitor, self.stage.chat_template, self.log)
 
     # ---- resume -------------------------------------------------------------------------------------
     def _restore(self, st: dict, path):
@@ -144,13 +149,13 @@ class Trainer:
         inside = self.stage.reads_gpt_loss  # diagnostics and the gradient check read the GPT's loss
         if inside and d.is_main and self._due(mon.gradcheck_every):
             with timers("gradcheck"):
-                self._gradcheck(group[0])
+                self.glimpses.gradcheck(group[0], self.step, self.monitor)
         probe = self._probe = (
             StepProbe()
             if inside and d.is_main and mon.diagnostics and self._due(mon.diagnostics_every)
             else None
         )
-        n_total = self._weight(group)
+        n_total = self.stage.weight(group)
         # (stop requested, time up, loss sum, the stage's other sums) travel in one all-reduce, so every rank
         # leaves the loop after the same step; a rank that stopped alone would leave the others waiting
         stats = torch.zeros(2 + self.stage.n_sums, dtype=torch.float64, device=self.device)
@@ -192,43 +197,6 @@ class Trainer:
         """Whether the step about to be taken is one of every `every` (None: never)."""
         return every is not None and (self.step + 1) % every == 0
 
-    def _gradcheck(self, batch) -> None:
-        """monitor.gradcheck_every: the hand-written gradient of this micro-batch against float64 finite
-        differences (rgpt.training.gradcheck), logged; a failure is a loud warning naming the parameter."""
-        from rgpt.training.gradcheck import gradient_check
-
-        b = batch.to(self.device)
-        report = gradient_check(self.model, b.idx, b.targets, seed=self.step)
-        self.log(f"step {self.step + 1}: {report.summary()}")
-        if report.failed:
-            self.log(report.warning())
-        self.monitor.scalars(
-            self.step + 1,
-            {"gradcheck/worst_rel_error": report.worst.rel_error, "gradcheck/seconds": report.seconds},
-        )
-
-    def _sample_ids(self) -> list[int]:
-        """The sample prompt as the model sees it: a chat turn, or plain text (the stage says which)."""
-        prompt = self.cfg.monitor.sample_prompt
-        if self.stage.chat_template:
-            return self.tok.encode_prompt([("user", prompt)])
-        return self.tok.encode_pretrain(prompt)[:-1]  # without the closing <eos>
-
-    def _attention_images(self) -> None:
-        """monitor.attention_every: each layer's heads over the sample prompt, one TensorBoard image a layer."""
-        from rgpt.viz.lens import attention_maps
-        from rgpt.viz.plot import layer_images, load_fonts
-
-        if self._fonts is None:
-            self._fonts = load_fonts(log=self.log)
-        ids = self._sample_ids()[: self.model.config.block_size]
-        tokens = [self.tok.tokens[i] for i in ids]
-        for layer, picture in enumerate(layer_images(attention_maps(self.model, ids), tokens, self._fonts)):
-            self.monitor.image(f"attention/layer_{layer}", picture, self.step)
-
-    def _weight(self, group) -> int:
-        return self.stage.weight(group)
-
     def _dropout_seed(self, index: int) -> int:
         """Seed of the dropout masks of micro-batch `index` of this epoch: the same for any world size."""
         key = np.random.SeedSequence([self.cfg.seed, self.epoch, index])
@@ -241,15 +209,6 @@ class Trainer:
             loss = self.stage.validate()
         self.model.train()
         return loss
-
-    def sample(self) -> str:
-        """Greedy continuation of the configured prompt: a glimpse of what the model has learned."""
-        mon, m = self.cfg.monitor, self.model
-        ids = self._sample_ids()
-        m.eval()
-        out = generate(m, ids, DecodeConfig(max_new_tokens=mon.sample_tokens))
-        m.train()
-        return mon.sample_prompt + " → " + self.tok.decode(out)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, kind: str, **extra):
@@ -366,7 +325,7 @@ class Trainer:
                     )
             else:
                 session["bad_in_a_row"] = 0
-                n_targets = self._weight(group)
+                n_targets = self.stage.weight(group)
                 self.ep_loss += loss * n_targets
                 self.ep_tokens += n_targets
             session["tokens"] += ntok
@@ -418,7 +377,7 @@ class Trainer:
         every = self.cfg.monitor.attention_every
         if every is not None and self.step % every == 0 and self.dist.is_main:
             with self.timers("attention images"):
-                self._attention_images()
+                self.glimpses.attention_images(self.step, self.monitor)
 
     def _evaluate(self, train_loss: float) -> tuple[float, bool]:
         """Validate, track the best model and early stopping, log to TensorBoard: at every epoch's end, or
@@ -444,7 +403,7 @@ class Trainer:
         self.monitor.scalars(self.step, self.stage.val_metrics(val_loss))
         self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
         if self.dist.is_main:
-            self.monitor.text("sample", self.sample(), self.step)
+            self.monitor.text("sample", self.glimpses.sample(), self.step)
             if self._eta is not None:  # which budget ends the run, in words
                 self.monitor.text("eta", self._eta.text(), self.step)
         if self.bad_epochs >= t.patience:
