@@ -104,7 +104,7 @@ def test_settings_are_checked(tiny_run):
     with pytest.raises(ConfigError, match="cannot listen on no.such.host.invalid:0"):
         listen("no.such.host.invalid", 0)
     with pytest.raises(ConfigError, match="context_tokens=65 exceeds the model's window of 64"):
-        serve(ServeConfig(checkpoint=str(ckpt), context_tokens=65), torch.device("cpu"))
+        serve(load(ServeConfig, {"checkpoint": str(ckpt), "context_tokens": 65}), torch.device("cpu"))
     assert model_id(ckpt) == "rgpt-sft-default-best-00000300", "the id names stage, run and checkpoint"
 
 

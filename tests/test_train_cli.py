@@ -539,8 +539,8 @@ def make_trainer(corpus, out_dir, *extra):
     from hydra import compose, initialize_config_dir
 
     from rgpt.cli import CONF_DIR
-    from rgpt.train import load_run_config  # importing it registers the ${corpus:...} resolver
     from rgpt.stages import STAGES
+    from rgpt.train import load_run_config  # importing it registers the ${corpus:...} resolver
     from rgpt.training.loop import Trainer
 
     overrides = cli_args(corpus, out_dir, *extra)[3:]  # drop `python -m rgpt.train`
