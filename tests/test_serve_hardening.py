@@ -1,10 +1,146 @@
-"""The server against hostile or careless clients (issue 24). First its pieces, each against its plain form:
-the stop-string check, which searches only what a new token can complete, and the dropping of old turns."""
+"""The server against hostile or careless clients (issue 24): the real python -m rgpt.serve in a subprocess on
+loopback, as in test_serve.py, sent what a careless client or another web page could send.
 
+Two servers per module. `guarded`, with a key and short replies, for the request checks. `faulty` fails on
+purpose for two seeds (a sitecustomize on its PYTHONPATH wraps the engine's token stream), with two
+decoding slots and no queue: for the queue, a failing reply and, last, a decoding thread that dies."""
+
+import json
+import os
 import random
+import statistics
 import time
 
-from rgpt.chat import Conversation, ReplyText
+import httpx
+import openai
+import pytest
+
+from rgpt.api import Service, create_app
+from rgpt.chat import Conversation, ReplyText, prompt_budget
+from rgpt.generate import DecodeConfig
+from tests import fixtures_ckpt
+from tests.fixtures_ckpt import ANSWERS, BLOCK_SIZE, trained
+from tests.fixtures_serve import Server
+
+tiny_run = fixtures_ckpt.tiny_run
+Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
+KEY = "sk-rgpt-hardening"
+JSON = {"Content-Type": "application/json"}
+AUTH = JSON | {"Authorization": f"Bearer {KEY}"}
+LONG = 100_000  # tokens: a reply that cannot finish during a test (min_tokens forbids an early end)
+MAX_NEW = 16  # the guarded server's default reply length
+FAULTS = '''"""Loaded at start-up by the faulty test server's Python (on its PYTHONPATH): after two tokens the engine's
+token stream fails for seed 13 with an Exception (that reply alone fails) and for seed 666 with a
+BaseException, which no reply's guard catches (the decoding thread dies)."""
+import rgpt.engine
+
+real_stream = rgpt.engine.stream
+
+
+class Fatal(BaseException):
+    pass
+
+
+def stream(model, prompt, cfg, **kwargs):
+    for i, token in enumerate(real_stream(model, prompt, cfg, **kwargs)):
+        if i == 2 and cfg.seed == 13:
+            raise RuntimeError("injected fault")
+        if i == 2 and cfg.seed == 666:
+            raise Fatal("injected fault")
+        yield token
+
+
+rgpt.engine.stream = stream
+'''
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_run, tmp_path_factory):
+    _, ckpt = tiny_run
+    limits = ("max_tokens_limit=64", f"max_new_tokens={MAX_NEW}")
+    cwd = tmp_path_factory.mktemp("guarded")
+    server = Server(f"checkpoint={ckpt}", f"api_key={KEY}", *limits, cwd=cwd)
+    yield server
+    code, stderr = server.stop()
+    assert code == 0 and "Traceback" not in stderr, stderr
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_run, tmp_path_factory):
+    _, ckpt = tiny_run
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(FAULTS, encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    limits = (
+        "max_active=2",
+        "max_queue=0",
+        f"max_tokens_limit={LONG}",
+    )
+    server = Server(
+        f"checkpoint={ckpt}", *limits, cwd=tmp_path_factory.mktemp("faulty"), env={"PYTHONPATH": path}
+    )
+    yield server
+    code, stderr = server.stop()
+    assert code == 0, stderr
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def post(server, body, headers=AUTH, timeout=30.0) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+    return httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=timeout)
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    """The OpenAI error of a reply that must have `status`: one line, no traceback."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json" and "Traceback" not in r.text, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"], error
+    return error
+
+
+def health(server) -> httpx.Response:
+    return httpx.get(f"{server.url}/health", timeout=10)
+
+
+def wait_for(server, timeout=10.0, **counts) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        now = health(server).json()
+        if all(now[k] == v for k, v in counts.items()):
+            return now
+        time.sleep(0.05)
+    raise AssertionError(f"health never reached {counts}: {now}")
+
+
+# ---- the key and where the server may listen ------------------------------------------------------------
+
+
+# ---- stop strings ---------------------------------------------------------------------------------------
+def test_stop_strings_are_few_and_short_and_cost_little(guarded):
+    good = {"model": guarded.model, "messages": ask(Q_MOUNTAIN)}
+    for stop in (["a"] * 5, "山" * 65, ["ok", "x" * 65], [1, 2], {"a": "b"}):
+        error = error_of(post(guarded, good | {"stop": stop}), 400)
+        assert error["param"] == "stop" and "stop: " in error["message"], error
+    longest = ["脉" * 63 + str(i) for i in range(4)]  # each begins like the reply, so the held-back path runs
+    plain = post(guarded, good).json()["choices"][0]["message"]["content"]
+    assert post(guarded, good | {"stop": longest}).json()["choices"][0]["message"]["content"] == plain
+
+    def seconds(stop) -> float:  # a 50-token reply, the median of three
+        body = good | {"max_tokens": 50, "min_tokens": 50} | ({"stop": stop} if stop else {})
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert post(guarded, body).json()["usage"]["completion_tokens"] == 50
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    none, four = seconds(None), seconds(longest)
+    print(f"a 50-token reply: {none:.3f} s without stop strings, {four:.3f} s with 4 of 64 characters")
+    assert four < 3 * none + 0.3, (none, four)
 
 
 class Pieces:
@@ -62,6 +198,44 @@ def test_reply_text_searches_only_the_tail_and_agrees_with_the_plain_form():
     )
 
 
+# ---- the window ------------------------------------------------------------------------------------------
+def test_a_prompt_that_cannot_fit_is_context_length_exceeded(guarded):
+    body = {"model": guarded.model, "messages": ask(Q_MOUNTAIN * 20)}
+    for stream in (False, True):
+        error = error_of(post(guarded, body | {"stream": stream}), 400)
+        assert error["type"] == "invalid_request_error" and error["param"] == "messages", error
+        assert error["code"] == "context_length_exceeded" and "shorten it" in error["message"], error
+    api = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model=guarded.model, messages=ask(Q_MOUNTAIN * 20))
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_dropped_turns_are_reported(guarded):
+    _, tok, _ = trained()
+    n = 1500
+    history = [
+        {"role": r, "content": c} for _ in range(n) for r, c in (("user", Q_HELLO), ("assistant", "好"))
+    ]
+    body = {"model": guarded.model, "messages": [*history, *ask(Q_SEASONS)]}
+    conversation = Conversation(prompt_budget(BLOCK_SIZE, MAX_NEW))  # the same window management, in-process
+    for _ in range(n):
+        conversation.add(tok.encode(Q_HELLO), tok.encode("好"))
+    conversation.prompt(tok.encode(Q_SEASONS))
+    dropped = n - len(conversation.exchanges)
+    assert dropped > 0
+    start = time.monotonic()
+    r = post(guarded, body)
+    assert r.status_code == 200 and r.headers["x-rgpt-dropped-turns"] == str(dropped), r.headers
+    assert time.monotonic() - start < 10
+    assert post(guarded, body | {"stream": True}).headers["x-rgpt-dropped-turns"] == str(dropped)
+    assert any(f"the {dropped} oldest exchanges were dropped" in line for line in guarded.lines)
+    assert (
+        "x-rgpt-dropped-turns"
+        not in post(guarded, {"model": guarded.model, "messages": ask(Q_HELLO)}).headers
+    )
+
+
 def test_dropping_old_turns_is_one_pass():
     """50,000 exchanges, all but a few dropped: one pass (a sum recomputed per dropped turn took minutes)."""
     conversation = Conversation(48)
@@ -70,3 +244,191 @@ def test_dropping_old_turns_is_one_pass():
     start = time.monotonic()
     conversation.prompt([5])
     assert len(conversation.exchanges) == 7 and time.monotonic() - start < 1.0
+
+
+# ---- what a request may ask for ----------------------------------------------------------------------------
+def test_unimplemented_features_are_refused_by_name(guarded):
+    good = {"model": guarded.model, "messages": ask(Q_HELLO)}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for name, value in [
+        ("tools", [tool]),
+        ("tool_choice", "auto"),
+        ("functions", [tool["function"]]),
+        ("function_call", "auto"),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("logit_bias", {"5": 100}),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("n", 2),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+    ]:
+        error = error_of(post(guarded, good | {name: value}), 400)
+        assert error["param"] == name and error["code"] == "unsupported_parameter", (name, error)
+    harmless = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}}
+    harmless |= {"logprobs": False, "n": 1, "user": "u1", "frobnicate": True}  # unknown fields are ignored
+    assert post(guarded, good | harmless).json()["choices"][0]["message"]["content"] == ANSWERS[Q_HELLO]
+
+
+def test_sampling_values_are_checked_and_never_500(guarded):
+    model, q = guarded.model, json.dumps(ask(Q_HELLO), ensure_ascii=False)
+    raw = lambda fields: f'{{"model": "{model}", "messages": {q}, {fields}}}'.encode()  # noqa: E731
+    cases = [
+        ("temperature", 1e9),
+        ("temperature", -0.1),
+        ("temperature", 2.01),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", 0.5),  # in range, and not supported: repetition_penalty stands in for it
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 1e-40),
+        ("repetition_penalty", 1e9),
+        ("max_tokens", 0),
+        ("max_tokens", 65),
+        ("max_completion_tokens", -1),
+        ("min_tokens", -1),
+        ("seed", 2**64),
+        ("stream", "maybe"),
+    ]
+    for name, value in cases:
+        error = error_of(post(guarded, raw(f'"{name}": {json.dumps(value)}')), 400)
+        assert error["param"] in (name, "max_tokens") and name.split("_")[0] in error["message"], (
+            name,
+            error,
+        )
+    for text in (
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",
+        "-1e999",
+    ):  # Python's json reads them; JSON has none
+        for name in ("temperature", "top_p", "repetition_penalty", "max_tokens", "unknown_field"):
+            assert "not valid JSON" in error_of(post(guarded, raw(f'"{name}": {text}')), 400)["message"]
+    hostile = [
+        b'{"model": "m", "messages": '
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}",  # nested past the recursion limit
+        raw('"top_k": ' + "9" * 5000),  # an integer too long for Python to read
+        raw('"seed": 1e20'),
+        b"\xef\xbb\xbf" + raw('"top_k": 1'),  # a byte-order mark
+        b"",
+        b"null",
+    ]
+    for body in hostile:
+        error_of(post(guarded, body), 400)
+    # a temperature too small to divide by decodes greedily: sampling's limit, instead of a 500
+    r = post(guarded, raw('"temperature": 1e-40, "seed": 3'))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[Q_HELLO]
+    assert post(guarded, raw('"temperature": 2, "top_k": 1e1, "repetition_penalty": 100')).status_code == 200
+
+
+def test_fastapi_validation_errors_are_openai_400s():
+    """No route of the server takes typed parameters today; one added later must still answer 400."""
+    from fastapi.testclient import TestClient
+
+    service = Service(None, None, "m", 0, DecodeConfig(), 64, None, 16, 4096)
+    app = create_app(service)
+
+    @app.get("/typed/{n}")
+    async def typed(n: int):
+        return {"n": n}
+
+    r = TestClient(app, base_url="http://127.0.0.1").get("/typed/x")
+    assert error_of(r, 400)["param"] == "n", r.text
+
+
+# ---- Content-Type -----------------------------------------------------------------------------
+
+
+def test_json_endpoints_want_json(guarded):
+    """A cross-site <form> or a no-cors fetch can send only form, multipart or text bodies (or none)."""
+    body = json.dumps({"model": guarded.model, "messages": ask(Q_HELLO)}).encode()
+    key = {"Authorization": f"Bearer {KEY}"}
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = key | ({"Content-Type": kind} if kind else {})
+        assert "application/json" in error_of(post(guarded, body, headers=headers), 415)["message"], kind
+    assert (
+        post(guarded, body, headers=key | {"Content-Type": "Application/JSON; charset=utf-8"}).status_code
+        == 200
+    )
+
+
+# ---- slow clients ------------------------------------------------------------------------------------------
+
+
+# ---- fuzzing -----------------------------------------------------------------------------------------------
+
+
+# ---- the faulty server: the queue, failures ----------------------------------------------------------
+def endless(server, stream=True, **fields) -> dict:
+    body = {"model": server.model, "messages": ask(Q_HELLO), "max_tokens": LONG, "min_tokens": LONG}
+    return body | {"stream": stream} | fields
+
+
+def test_a_full_server_refuses_before_tokenizing(faulty):
+    """Two slots, no queue: with both busy, a prompt too long to fit is refused as busy (503), not as too
+    long (400), which only tokenizing it could tell."""
+    with (
+        httpx.Client(base_url=faulty.url, headers=JSON, timeout=30) as a,
+        httpx.Client(base_url=faulty.url, headers=JSON, timeout=30) as b,
+    ):
+        with (
+            a.stream("POST", "/v1/chat/completions", json=endless(faulty)) as one,
+            b.stream("POST", "/v1/chat/completions", json=endless(faulty)) as two,
+        ):
+            assert one.status_code == two.status_code == 200
+            wait_for(faulty, active=2)
+            r = post(faulty, {"model": faulty.model, "messages": ask(Q_MOUNTAIN * 20)}, headers=JSON)
+            assert error_of(r, 503)["code"] == "server_busy" and r.headers["retry-after"] == "1"
+    wait_for(faulty, active=0)
+    r = post(faulty, {"model": faulty.model, "messages": ask(Q_MOUNTAIN * 20)}, headers=JSON)
+    assert error_of(r, 400)["code"] == "context_length_exceeded"
+
+
+def test_a_reply_whose_decoding_fails_fails_alone(faulty):
+    with httpx.stream("POST", f"{faulty.url}/v1/chat/completions", json=endless(faulty), timeout=30) as other:
+        lines = other.iter_lines()
+        next(lines)
+        error = error_of(post(faulty, endless(faulty, stream=False, seed=13), headers=JSON), 500)
+        assert (
+            error["message"] == "decoding failed: RuntimeError: injected fault"
+            and error["type"] == "server_error"
+        )
+        events = [
+            line for line in post(faulty, endless(faulty, seed=13), headers=JSON).text.split("\n") if line
+        ]
+        assert (
+            events[-1] == "data: [DONE]"
+            and "injected fault" in json.loads(events[-2][6:])["error"]["message"]
+        )
+        assert all(next(lines) is not None for _ in range(20)), "the other reply goes on"
+        assert health(faulty).json()["status"] == "ok"
+    wait_for(faulty, active=0)
+    r = post(faulty, {"model": faulty.model, "messages": ask(Q_HELLO)}, headers=JSON)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[Q_HELLO]
+    assert any("a reply's decoding failed: RuntimeError: injected fault" in line for line in faulty.lines)
+
+
+def test_a_dead_decoding_thread_makes_the_server_answer_503(faulty):
+    """(Runs last: the faulty server cannot decode afterwards.)"""
+    with httpx.stream("POST", f"{faulty.url}/v1/chat/completions", json=endless(faulty), timeout=30) as other:
+        lines = other.iter_lines()
+        next(lines)
+        error = error_of(post(faulty, endless(faulty, stream=False, seed=666), headers=JSON), 503)
+        assert "the decoding thread has stopped (Fatal: injected fault)" in error["message"], error
+        events = [line for line in lines if line]
+        assert events[-1] == "data: [DONE]" and "decoding thread has stopped" in events[-2], events[-2:]
+    r = health(faulty)
+    assert r.status_code == 503 and r.json()["status"] == "error" and "Fatal" in r.json()["error"], r.text
+    start = time.monotonic()
+    r = post(faulty, {"model": faulty.model, "messages": ask(Q_HELLO)}, headers=JSON, timeout=5)
+    assert error_of(r, 503)["code"] == "server_unavailable" and time.monotonic() - start < 2
+    assert any("the decoding thread stopped: Fatal: injected fault" in line for line in faulty.lines)
