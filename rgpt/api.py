@@ -1,6 +1,6 @@
 """The HTTP side of rgpt.serve: OpenAI's chat-completions API, the model list, health and the chat page.
 
-Requests are read and checked here (key, Content-Type, size, UTF-8, JSON, fields, ranges,
+Requests are read and checked here (Host, Origin, key, Content-Type, size, UTF-8, JSON, fields, ranges,
 model), turned into a prompt with chat's template and window management, and handed to the Engine; its
 events become one JSON reply or a stream of server-sent `chat.completion.chunk`s ending with
 `data: [DONE]`. Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with its status;
@@ -9,6 +9,7 @@ none shows a traceback. What a request asks for and rgpt cannot do is refused (4
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import math
 import secrets
@@ -21,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from rgpt.chat import Conversation, prompt_budget
@@ -35,6 +38,7 @@ PASSED = ("top_p", "top_k", "seed", "repetition_penalty", "min_tokens")  # reque
 RENAMED = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # request name -> DecodeConfig's
 MAX_STOPS, MAX_STOP_CHARS = 4, 64  # OpenAI's 4 stop strings; 64 characters each bound the check per token
 MIN_TEMPERATURE = 1e-4  # below it a request decodes greedily: sampling's limit, and logits / T stay finite
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # Host names a loopback server always answers to
 # OpenAI's request fields that rgpt cannot honour: refused with 400 unless absent or set to a no-op value
 UNSUPPORTED = {
     "tools": (lambda v: not v, "tool calling is not supported"),
@@ -64,6 +68,9 @@ class Service:
     api_key: str | None
     max_tokens_limit: int
     max_request_bytes: int
+    host: str = "127.0.0.1"  # where it listens: with LOOPBACK_NAMES and allowed_hosts, the Hosts it answers
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()  # other web pages' origins allowed to call the API
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -348,10 +355,73 @@ async def chunks(reply: Reply, s: Service, head: dict, include_usage: bool):
         s.engine.cancel(reply)
 
 
+# ---- who may call -----------------------------------------------------------------------------------
+def host_name(value: str) -> str | None:
+    """A Host header's name: '[::1]:8000' -> '::1', 'LocalHost:80' -> 'localhost'; None if malformed."""
+    if value.startswith("["):
+        name, bracket, port = value[1:].partition("]")
+        port = port.removeprefix(":") if bracket else "x"
+    else:
+        name, _, port = value.partition(":")
+    return name.lower().rstrip(".") if name and (port == "" or port.isdigit()) else None
+
+
+class Guard:
+    """ASGI middleware, outermost: refuses what a web page from another site could send this server. A
+    Host that is not one of its names gets 400 (DNS rebinding: a page whose own name has been re-pointed
+    at 127.0.0.1); an Origin that is neither its own nor in cors_origins gets 403 (cross-site requests and
+    their CORS preflights). A name is an address's, localhost, `host` or in allowed_hosts; an address
+    cannot be re-pointed, so any address literal is fine where the server listens on all of them."""
+
+    def __init__(self, app, host: str, allowed_hosts=(), cors_origins=()):
+        self.app, self.origins = app, {o.lower() for o in cors_origins}
+        self.names = {*LOOPBACK_NAMES, host.strip("[]").lower(), *(h.lower() for h in allowed_hosts)}
+        self.any_address = host in ("0.0.0.0", "::", "")
+
+    async def __call__(self, scope, receive, send):
+        error = self.check(Headers(scope=scope), scope["scheme"]) if scope["type"] == "http" else None
+        if error is not None:
+            return await error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, headers: Headers, scheme: str) -> ApiError | None:
+        host = headers.get("host")
+        if host is not None and not self.known(host_name(host)):
+            why = f"the Host header {host!r} is not a name of this server: add it to allowed_hosts"
+            return ApiError(400, why, code="invalid_host")
+        origin, own = headers.get("origin"), f"{scheme}://{host}".lower()
+        if origin is None or "*" in self.origins or origin.lower() in (own, *self.origins):
+            return None
+        why = f"the web page at {origin} may not call this server: add its origin to cors_origins to allow it"
+        return ApiError(403, why, code="cross_origin_refused")
+
+    def known(self, name: str | None) -> bool:
+        if name is None:
+            return False
+        if name in self.names or "*" in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return address.is_loopback or self.any_address
+
+
 # ---- the app -----------------------------------------------------------------------------------------
 def create_app(s: Service) -> FastAPI:
     app = FastAPI(title="rgpt", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text(encoding="utf-8")
+    if s.cors_origins:  # inside Guard: it answers the preflights of the origins Guard lets through
+        expose = ["Retry-After", "X-RGPT-Dropped-Turns"]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(s.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_private_network=True,  # a listed site may call a server on this machine
+            expose_headers=expose,
+        )
+    app.add_middleware(Guard, host=s.host, allowed_hosts=s.allowed_hosts, cors_origins=s.cors_origins)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):

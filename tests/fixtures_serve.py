@@ -16,7 +16,8 @@ class Server:
     and returns (exit code, stderr)."""
 
     def __init__(self, *args, cwd, threads=1, timeout=90.0, env=None):  # tiny model: 1 thread is fastest
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8", **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if k != "RGPT_API_KEY"}  # a key only when asked for
+        env = {**inherited, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8", **(env or {})}
         command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu"]
         command.append(f"threads={threads}")
         self.proc = subprocess.Popen(

@@ -1,15 +1,20 @@
 """The server against hostile or careless clients (issue 24): the real python -m rgpt.serve in a subprocess on
 loopback, as in test_serve.py, sent what a careless client or another web page could send.
 
-Two servers per module. `guarded`, with a key and short replies, for the request checks. `faulty` fails on
-purpose for two seeds (a sitecustomize on its PYTHONPATH wraps the engine's token stream), with two
-decoding slots and no queue: for the queue, a failing reply and, last, a decoding thread that dies."""
+Two servers per module. `guarded` takes its key from RGPT_API_KEY and allows one CORS origin, one more host
+name and one second to read a request: for the request checks, the cross-origin rules and slow clients. `faulty` fails on purpose for two seeds (a sitecustomize on its
+PYTHONPATH wraps the engine's token stream), with two decoding slots, no queue and eight connections at
+most: for the queue, the connection limit, a failing reply and, last, a decoding thread that dies."""
 
 import json
 import os
 import random
+import re
+import select
+import socket
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,9 +22,11 @@ import pytest
 
 from rgpt.api import Service, create_app
 from rgpt.chat import Conversation, ReplyText, prompt_budget
+from rgpt.cli import ConfigError
 from rgpt.generate import DecodeConfig
+from rgpt.serve import ServeConfig, api_key_from
 from tests import fixtures_ckpt
-from tests.fixtures_ckpt import ANSWERS, BLOCK_SIZE, trained
+from tests.fixtures_ckpt import ANSWERS, BLOCK_SIZE, run_cli, trained
 from tests.fixtures_serve import Server
 
 tiny_run = fixtures_ckpt.tiny_run
@@ -27,6 +34,7 @@ Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一�
 KEY = "sk-rgpt-hardening"
 JSON = {"Content-Type": "application/json"}
 AUTH = JSON | {"Authorization": f"Bearer {KEY}"}
+ALLOWED = "http://allowed.example"
 LONG = 100_000  # tokens: a reply that cannot finish during a test (min_tokens forbids an early end)
 MAX_NEW = 16  # the guarded server's default reply length
 FAULTS = '''"""Loaded at start-up by the faulty test server's Python (on its PYTHONPATH): after two tokens the engine's
@@ -57,9 +65,10 @@ rgpt.engine.stream = stream
 @pytest.fixture(scope="module")
 def guarded(tiny_run, tmp_path_factory):
     _, ckpt = tiny_run
+    settings = (f"cors_origins=[{ALLOWED}]", "allowed_hosts=[rgpt.test]", "request_timeout=1")
     limits = ("max_tokens_limit=64", f"max_new_tokens={MAX_NEW}")
     cwd = tmp_path_factory.mktemp("guarded")
-    server = Server(f"checkpoint={ckpt}", f"api_key={KEY}", *limits, cwd=cwd)
+    server = Server(f"checkpoint={ckpt}", *settings, *limits, cwd=cwd, env={"RGPT_API_KEY": KEY})
     yield server
     code, stderr = server.stop()
     assert code == 0 and "Traceback" not in stderr, stderr
@@ -74,6 +83,8 @@ def faulty(tiny_run, tmp_path_factory):
     limits = (
         "max_active=2",
         "max_queue=0",
+        "max_connections=8",
+        "request_timeout=1",
         f"max_tokens_limit={LONG}",
     )
     server = Server(
@@ -117,6 +128,51 @@ def wait_for(server, timeout=10.0, **counts) -> dict:
 
 
 # ---- the key and where the server may listen ------------------------------------------------------------
+def test_the_key_comes_from_the_environment_not_the_command_line(guarded):
+    body = {"model": guarded.model, "messages": ask(Q_HELLO)}
+    assert error_of(post(guarded, body, headers=JSON), 401)["code"] == "invalid_api_key"
+    r = post(guarded, body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWERS[Q_HELLO]
+    cmdline = Path(f"/proc/{guarded.proc.pid}/cmdline")
+    if cmdline.exists():
+        assert KEY.encode() not in cmdline.read_bytes(), "ps would show the key"
+
+
+def test_a_host_off_loopback_without_a_key_refuses_to_start(tiny_run, tmp_path, monkeypatch):
+    _, ckpt = tiny_run
+    monkeypatch.delenv("RGPT_API_KEY", raising=False)
+    start = time.monotonic()
+    proc = run_cli("serve", f"checkpoint={ckpt}", "host=0.0.0.0", "port=0", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    line = "error: host=0.0.0.0 lets other machines connect, and no API key is set: start with RGPT_API_KEY="
+    assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
+    assert time.monotonic() - start < 60, "refused before the model is loaded"
+    assert (
+        api_key_from(None, {"RGPT_API_KEY": KEY}) == KEY
+        and api_key_from(KEY, {}) == KEY
+        and api_key_from(None, {}) is None
+    )
+    with pytest.raises(ConfigError, match="RGPT_API_KEY is empty"):
+        api_key_from(None, {"RGPT_API_KEY": " "})
+    with pytest.raises(ConfigError, match="both set, and differ"):
+        api_key_from("other", {"RGPT_API_KEY": KEY})
+
+
+def test_the_new_settings_are_checked():
+    for given, message in [
+        ({"request_timeout": 0}, "request_timeout=0 must be a number of seconds in (0, 3600]"),
+        ({"request_timeout": "soon"}, "request_timeout='soon' must be a number of seconds"),
+        ({"max_connections": 0}, "max_connections=0 must be an integer >= 1"),
+        ({"cors_origins": ALLOWED}, f"cors_origins={ALLOWED!r} must be a list"),
+        ({"cors_origins": [ALLOWED + "/"]}, "is not an origin like http://localhost:3000"),
+        ({"allowed_hosts": ["http://rgpt.test"]}, "is not a host name"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ServeConfig.from_dict(given)
+    c = ServeConfig.from_dict(
+        {"cors_origins": ["HTTP://Allowed.example:3000"], "allowed_hosts": ["RGPT.test"]}
+    )
+    assert c.cors_origins == ("http://allowed.example:3000",) and c.allowed_hosts == ("rgpt.test",)
 
 
 # ---- stop strings ---------------------------------------------------------------------------------------
@@ -345,7 +401,54 @@ def test_fastapi_validation_errors_are_openai_400s():
     assert error_of(r, 400)["param"] == "n", r.text
 
 
-# ---- Content-Type -----------------------------------------------------------------------------
+# ---- who may call: Origin, Host, Content-Type -------------------------------------------------------------
+def test_other_web_pages_are_refused_unless_listed(guarded):
+    body = {"model": guarded.model, "messages": ask(Q_HELLO)}
+    own = guarded.url  # the page this server serves: http://127.0.0.1:PORT
+    for origin in ("http://evil.example", "null", own.replace("127.0.0.1", "localhost"), "https" + own[4:]):
+        headers = AUTH | {"Origin": origin}
+        assert error_of(post(guarded, body, headers=headers), 403)["code"] == "cross_origin_refused", origin
+        for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/")):
+            assert httpx.request(method, f"{guarded.url}{path}", headers=headers).status_code == 403
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{guarded.url}/v1/chat/completions", headers=preflight)
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    assert post(guarded, body, headers=AUTH | {"Origin": own}).status_code == 200, "the server's own page"
+    # a listed origin: the preflight is answered, and the reply carries CORS headers
+    preflight = {"Origin": ALLOWED, "Access-Control-Request-Method": "POST"}
+    preflight["Access-Control-Request-Headers"] = "authorization,content-type"
+    r = httpx.options(f"{guarded.url}/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED, r.headers
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = post(guarded, body, headers=AUTH | {"Origin": ALLOWED})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED
+
+
+def test_the_host_header_must_name_this_server(guarded):
+    port = guarded.url.rpartition(":")[2]
+    for host in (
+        f"evil.example:{port}",
+        "evil.example",
+        "10.0.0.1",
+        "localhost.evil.example",
+        "a:b:c",
+        "[::1",
+    ):
+        r = httpx.get(f"{guarded.url}/health", headers={"Host": host})
+        assert error_of(r, 400)["code"] == "invalid_host", host
+    for host in (
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        f"127.0.0.1:{port}",
+        "127.0.0.2",
+        "rgpt.test",
+        "LOCALHOST.",
+    ):
+        assert httpx.get(f"{guarded.url}/health", headers={"Host": host}).status_code == 200, host
+    r = post(
+        guarded, {"model": guarded.model, "messages": ask(Q_HELLO)}, headers=AUTH | {"Host": "evil.example"}
+    )
+    assert error_of(r, 400)["code"] == "invalid_host"
 
 
 def test_json_endpoints_want_json(guarded):
@@ -362,12 +465,52 @@ def test_json_endpoints_want_json(guarded):
 
 
 # ---- slow clients ------------------------------------------------------------------------------------------
+def test_slow_clients_are_cut_off_while_others_are_served(guarded):
+    """request_timeout=1: a request whose body, or head, comes a byte at a time, and a connection that sends
+    nothing, are closed about a second after they opened (a 408 where part of a request came); meanwhile
+    a normal request is answered."""
+    address = ("127.0.0.1", int(guarded.url.rpartition(":")[2]))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\nAuthorization: Bearer {KEY}"
+        "\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    slow = {name: socket.create_connection(address, timeout=5) for name in ("body", "head", "idle")}
+    try:
+        start = time.monotonic()
+        slow["body"].sendall(head.encode() + b'{"model": ')
+        slow["head"].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127")
+        assert post(guarded, {"model": guarded.model, "messages": ask(Q_HELLO)}).status_code == 200
+        got, closed = {name: b"" for name in slow}, {}
+        while len(closed) < len(slow) and time.monotonic() - start < 5:
+            for name, sock in slow.items():
+                if name in closed:
+                    continue
+                if name != "idle":
+                    try:
+                        sock.send(b" ")  # a byte now and then: an idle timer would never fire
+                    except OSError:
+                        pass
+                if select.select([sock], [], [], 0)[0]:
+                    data = sock.recv(65536)
+                    got[name] += data
+                    if not data:
+                        closed[name] = time.monotonic() - start
+            time.sleep(0.1)
+    finally:
+        for sock in slow.values():
+            sock.close()
+    assert set(closed) == set(slow) and max(closed.values()) < 3, f"closed after {closed} s"
+    for name in ("body", "head"):
+        status, _, body = got[name].partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), got[name]
+        assert json.loads(body)["error"]["code"] == "request_timeout", body
+    assert got["idle"] == b"", "a connection that sent nothing is closed without a word"
 
 
 # ---- fuzzing -----------------------------------------------------------------------------------------------
 
 
-# ---- the faulty server: the queue, failures ----------------------------------------------------------
+# ---- the faulty server: the queue, the connection limit, failures ------------------------------------------
 def endless(server, stream=True, **fields) -> dict:
     body = {"model": server.model, "messages": ask(Q_HELLO), "max_tokens": LONG, "min_tokens": LONG}
     return body | {"stream": stream} | fields
@@ -391,6 +534,24 @@ def test_a_full_server_refuses_before_tokenizing(faulty):
     wait_for(faulty, active=0)
     r = post(faulty, {"model": faulty.model, "messages": ask(Q_MOUNTAIN * 20)}, headers=JSON)
     assert error_of(r, 400)["code"] == "context_length_exceeded"
+
+
+def test_the_connection_limit_and_idle_connections(faulty):
+    """max_connections=8: eight connections that send nothing fill it (others get uvicorn's 503), and
+    request_timeout frees them a second later."""
+    address = ("127.0.0.1", int(faulty.url.rpartition(":")[2]))
+    idle = [socket.create_connection(address, timeout=5) for _ in range(8)]
+    try:
+        time.sleep(0.1)  # the server has accepted them
+        assert httpx.get(f"{faulty.url}/health").status_code == 503
+        end = time.monotonic() + 5
+        while any(select.select([s], [], [], 0)[0] == [] for s in idle) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert all(s.recv(1) == b"" for s in idle), "every idle connection is closed"
+    finally:
+        for s in idle:
+            s.close()
+    assert health(faulty).status_code == 200
 
 
 def test_a_reply_whose_decoding_fails_fails_alone(faulty):
