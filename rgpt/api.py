@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
@@ -99,13 +100,15 @@ def unavailable(e: Exception) -> ApiError:
 
 
 # ---- the request -------------------------------------------------------------------------------------
+# The enums tell the schema (/openapi.json) what is accepted; text_of and prompt_ids check it, each
+# refusing with its own message.
 class Part(BaseModel):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
 
 
 class Message(BaseModel):
-    role: str
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})
     content: str | list[Part] | None = None
 
 
@@ -409,7 +412,7 @@ class Guard:
 
 # ---- the app -----------------------------------------------------------------------------------------
 def create_app(s: Service) -> FastAPI:
-    app = FastAPI(title="rgpt", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rgpt", version="1", docs_url=None, redoc_url=None)
     page = PAGE.read_text(encoding="utf-8")
     if s.cors_origins:  # inside Guard: it answers the preflights of the origins Guard lets through
         expose = ["Retry-After", "X-RGPT-Dropped-Turns"]
@@ -486,7 +489,13 @@ def create_app(s: Service) -> FastAPI:
         message = f"the model {name!r} does not exist; this server serves {s.model_id!r}"
         return ApiError(404, message, param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions")
+    # the body is read by read_request (size, UTF-8, JSON); the schema says what it holds
+    body = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
+    }
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": body})
     async def chat_completions(request: Request):
         authorise(request)
         req = await read_request(request, s.max_request_bytes)
@@ -520,4 +529,14 @@ def create_app(s: Service) -> FastAPI:
             chunks(reply, s, head, include_usage), media_type="text/event-stream", headers=headers
         )
 
+    def openapi() -> dict:  # FastAPI's schema, plus the request body's (the route reads it itself)
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            request = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas |= request.pop("$defs", {}) | {"ChatRequest": request}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -2,7 +2,8 @@
 loopback, as in test_serve.py, sent what a careless client or another web page could send.
 
 Two servers per module. `guarded` takes its key from RGPT_API_KEY and allows one CORS origin, one more host
-name and one second to read a request: for the request checks, the cross-origin rules and slow clients. `faulty` fails on purpose for two seeds (a sitecustomize on its
+name and one second to read a request: for the request checks, the cross-origin rules, slow clients and
+the fuzzing from its OpenAPI schema. `faulty` fails on purpose for two seeds (a sitecustomize on its
 PYTHONPATH wraps the engine's token stream), with two decoding slots, no queue and eight connections at
 most: for the queue, the connection limit, a failing reply and, last, a decoding thread that dies."""
 
@@ -508,6 +509,41 @@ def test_slow_clients_are_cut_off_while_others_are_served(guarded):
 
 
 # ---- fuzzing -----------------------------------------------------------------------------------------------
+def test_fuzzing_the_api_from_its_openapi_schema(guarded):
+    """schemathesis generates requests, valid and not, from the server's own /openapi.json: none may be
+    answered 5xx or hang. The schema is narrowed only to name the served model (any other is a 404), so
+    that the generated requests reach the window management and the decoding."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    raw = httpx.get(f"{guarded.url}/openapi.json").json()
+    assert "ChatRequest" in raw["components"]["schemas"]
+    raw["components"]["schemas"]["ChatRequest"]["properties"]["model"] = {"enum": [guarded.model]}
+    schema = schemathesis.openapi.from_dict(raw)
+    modes = schemathesis.GenerationMode
+    cases = st.one_of(schema.as_strategy(modes.POSITIVE), schema.as_strategy(modes.NEGATIVE))
+    statuses = []
+
+    @settings(  # no hypothesis deadline (a busy machine is slow); a request that hangs fails at timeout=10
+        max_examples=120,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=cases)
+    def no_server_errors(case):
+        r = case.call(base_url=guarded.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        statuses.append((case.path, r.status_code))
+        assert r.status_code < 500, (case.method, case.path, case.body, r.status_code, r.text[:500])
+
+    start = time.monotonic()
+    no_server_errors()
+    assert time.monotonic() - start < 120
+    chat = {status for path, status in statuses if path == "/v1/chat/completions"}
+    assert {200, 400} <= chat, f"the fuzzing should reach both replies and refusals: {sorted(chat)}"
+    assert health(guarded).json()["active"] == 0
 
 
 # ---- the faulty server: the queue, the connection limit, failures ------------------------------------------
