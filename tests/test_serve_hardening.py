@@ -250,8 +250,9 @@ def test_reply_text_searches_only_the_tail_and_agrees_with_the_plain_form():
         for _ in range(2000):
             text.add(0)
         times.append(time.perf_counter() - start)
-    assert not text.stopped and times[-1] < 3 * times[0] + 0.05, (
-        f"first 2,000 {times[0]:.3f} s, last {times[-1]:.3f} s"
+    first, last = min(times[:3]), min(times[-3:])  # the least disturbed of three, on a busy machine
+    assert not text.stopped and last < 3 * first + 0.05, (
+        f"2,000 tokens: first {first:.3f} s, last {last:.3f} s"
     )
 
 
@@ -578,8 +579,10 @@ def test_the_connection_limit_and_idle_connections(faulty):
     address = ("127.0.0.1", int(faulty.url.rpartition(":")[2]))
     idle = [socket.create_connection(address, timeout=5) for _ in range(8)]
     try:
-        time.sleep(0.1)  # the server has accepted them
-        assert httpx.get(f"{faulty.url}/health").status_code == 503
+        end = time.monotonic() + 0.8  # until the server has accepted them (it closes them after 1 s)
+        while (status := httpx.get(f"{faulty.url}/health").status_code) != 503 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert status == 503, "a ninth connection is refused"
         end = time.monotonic() + 5
         while any(select.select([s], [], [], 0)[0] == [] for s in idle) and time.monotonic() < end:
             time.sleep(0.05)
