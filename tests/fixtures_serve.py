@@ -12,10 +12,12 @@ BANNER = re.compile(r"rgpt serve: (\S+) \(.*\) at (http://127\.0\.0\.1:\d+)/")
 
 class Server:
     """python -m rgpt.serve args… bound to 127.0.0.1 on a port the system picks (port=0); its address is
-    read from the line it prints once listening. stop() sends Ctrl-C and returns (exit code, stderr)."""
+    read from the line it prints once listening (`env`: more environment variables). stop() sends Ctrl-C
+    and returns (exit code, stderr)."""
 
-    def __init__(self, *args, cwd, threads=1, timeout=90.0):  # tiny model: 1 thread is fastest
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8"}
+    def __init__(self, *args, cwd, threads=1, timeout=90.0, env=None):  # tiny model: 1 thread is fastest
+        inherited = {k: v for k, v in os.environ.items() if k != "RGPT_API_KEY"}  # a key only when asked for
+        env = {**inherited, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8", **(env or {})}
         command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu"]
         command.append(f"threads={threads}")
         self.proc = subprocess.Popen(

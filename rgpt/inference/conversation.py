@@ -85,11 +85,12 @@ class Conversation:
                 f"（输入过长：{len(question)} 个词元，只保留最后 {room} 个）input truncated to fit"
             )
             question = question[-room:]
-        dropped = 0
-        history = lambda: sum(len(q) + len(a) + 3 for q, a in self.exchanges)  # noqa: E731
-        while self.exchanges and history() + len(question) > room:
-            self.exchanges.pop(0)
+        sizes = [len(q) + len(a) + 3 for q, a in self.exchanges]  # <user> q <assistant> a <eos>
+        history, dropped = sum(sizes), 0
+        while dropped < len(sizes) and history + len(question) > room:  # oldest first, a running sum
+            history -= sizes[dropped]
             dropped += 1
+        del self.exchanges[:dropped]
         if dropped:
             notices.append(f"（对话过长，已忘记最早的 {dropped} 轮）oldest turns dropped to fit the window")
         ids = [BOS_ID]
@@ -119,6 +120,7 @@ class ReplyText:
 
     def __init__(self, tok, stop: tuple[str, ...] = ()):
         self.tok, self.stop = tok, tuple(s for s in stop if s)
+        self.longest = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
 
@@ -126,12 +128,18 @@ class ReplyText:
         if self.stopped:  # the reply has ended: later tokens are not part of it
             return ""
         self.ids.append(token)
-        self.text += self.tok.decode([token])
-        cuts = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        piece = self.tok.decode([token])
+        self.text += piece
+        # Only the tail a new piece can complete is searched: a stop string found now ends in the piece, so
+        # it starts in the last len(longest) + len(piece) characters (and not before `sent`). A token then
+        # costs the same however long the reply; the plain form searches all of self.text.
+        at = max(self.sent, len(self.text) - len(piece) - self.longest)
+        tail = self.text[at:]
+        cuts = [at + i for i in (tail.find(s) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.stopped = self.text[: min(cuts)], True
             return self.rest()
-        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        held = max((k for s in self.stop for k in range(1, len(s)) if tail.endswith(s[:k])), default=0)
         new = self.text[self.sent : len(self.text) - held]
         self.sent += len(new)
         return new

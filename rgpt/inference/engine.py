@@ -9,11 +9,18 @@ The worker thread owns the model; the web server's event loop only submits, canc
 Events reach a reply's asyncio queue through call_soon_threadsafe: ("text", new text) as it is decoded,
 then ("end", finish_reason, tokens generated); or ("error", HTTP status, message) if decoding failed
 or the server is shutting down.
+
+Each reply's whole turn (admission, the token, its text, the events) runs under one guard: a reply whose
+decoding fails gets its error and the others go on. Should the thread itself die, every reply is ended
+with a 503, `failure` says why, and submit() refuses at once instead of queueing replies nobody decodes.
 """
 
 import asyncio
 import collections
+import contextlib
+import sys
 import threading
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +31,10 @@ from rgpt.inference.generate import DecodeConfig, stream
 
 class Busy(Exception):
     """The queue is full: the request should be retried later."""
+
+
+class Unavailable(Exception):
+    """No reply can be made: the decoding thread has stopped (it failed, or the server is shutting down)."""
 
 
 @dataclass(eq=False)
@@ -50,6 +61,7 @@ class Engine:
         self.served = 0
         self.lock = threading.Condition()
         self.stopping = False
+        self.failure: str | None = None  # why the decoding thread died, if it did
         self.thread = threading.Thread(target=self._run, name="rgpt-decode", daemon=True)
 
     def start(self) -> None:
@@ -65,15 +77,35 @@ class Engine:
     def join(self) -> None:
         self.thread.join(timeout=10)
 
+    def problem(self) -> str | None:
+        """Why no reply can be made now (the decoding thread died, is stopping or never started), or None."""
+        if self.failure is not None:
+            return f"the decoding thread has stopped ({self.failure})"
+        if self.stopping:
+            return "the server is shutting down"
+        return None if self.thread.is_alive() else "the decoding thread is not running"
+
     def counts(self) -> dict:
         with self.lock:
             return {"active": len(self.active), "queued": len(self.waiting), "served": self.served}
 
-    def submit(self, reply: Reply) -> Reply:
-        """Queue a reply, or raise Busy when max_active are decoding and max_queue more are waiting."""
+    def check_room(self) -> None:
+        """Raise Busy when max_active are decoding and max_queue more are waiting, Unavailable when the
+        thread has stopped: cheap, so a request is refused before its prompt is tokenized."""
         with self.lock:
-            if len(self.active) + len(self.waiting) >= self.max_active + self.max_queue:
-                raise Busy(f"{len(self.waiting)} requests are already waiting")
+            self._check_room()
+
+    def _check_room(self) -> None:
+        why = self.problem()
+        if why is not None:
+            raise Unavailable(why)
+        if len(self.active) + len(self.waiting) >= self.max_active + self.max_queue:
+            raise Busy(f"{len(self.waiting)} requests are already waiting")
+
+    def submit(self, reply: Reply) -> Reply:
+        """Queue a reply, or raise Busy or Unavailable (see check_room)."""
+        with self.lock:
+            self._check_room()
             self.waiting.append(reply)
             self.lock.notify()
         return reply
@@ -87,20 +119,23 @@ class Engine:
 
     # ---- the worker thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the thread is dying: no reply may wait for it, and /health must say so
+            traceback.print_exc()  # a bug in the loop itself: its traceback belongs in the server's log
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread: inference here, as in chat
         while True:
             with self.lock:
                 while not (self.stopping or self.waiting or self.active):
                     self.lock.wait()
                 if self.stopping:
-                    for reply in [*(entry[0] for entry in self.active), *self.waiting]:
-                        self._post(reply, ("error", 503, "the server is shutting down"))
-                    self.active, self.waiting = [], collections.deque()
+                    self._end_all("the server is shutting down")
                     return
                 while self.waiting and len(self.active) < self.max_active:
-                    reply = self.waiting.popleft()
-                    tokens = stream(self.model, reply.prompt, reply.decode)  # seeded by decode.seed if set
-                    self.active.append((reply, tokens, ReplyText(self.tok, reply.stop)))
+                    self.active.append(self._admit(self.waiting.popleft()))
                 turn = list(self.active)
             for entry in turn:  # one token each, outside the lock: submit and cancel never wait for a step
                 self._step(*entry)
@@ -110,7 +145,27 @@ class Engine:
                 if finished:
                     self.active = [entry for entry in self.active if not entry[0].done]
 
-    def _step(self, reply: Reply, tokens, text: ReplyText) -> None:
+    def _admit(self, reply: Reply) -> tuple[Reply, object, ReplyText | None]:
+        """A waiting reply becomes active: its token stream and its text (a failure ends it alone)."""
+        try:
+            tokens = stream(self.model, reply.prompt, reply.decode)  # seeded by decode.seed if set
+            return reply, tokens, ReplyText(self.tok, reply.stop)
+        except Exception as e:
+            self._fail(reply, e)
+            return reply, iter(()), None
+
+    def _step(self, reply: Reply, tokens, text: ReplyText | None) -> None:
+        """One turn of one reply, all of it guarded: whatever fails, fails this reply alone."""
+        if reply.done:  # its admission failed
+            return
+        try:
+            self._advance(reply, tokens, text)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                tokens.close()
+            self._fail(reply, e)
+
+    def _advance(self, reply: Reply, tokens, text: ReplyText) -> None:
         if reply.cancelled:
             tokens.close()
             reply.done = True
@@ -120,9 +175,6 @@ class Engine:
         except StopIteration:  # a stop id, or max_new_tokens reached
             ended = len(text.ids) >= reply.decode.max_new_tokens
             return self._finish(reply, text, "length" if ended else "stop")
-        except Exception as e:  # a reply fails alone; the server and the other replies go on
-            reply.done = True
-            return self._post(reply, ("error", 500, f"decoding failed: {type(e).__name__}: {e}"))
         new = text.add(token)
         if new:
             self._post(reply, ("text", new))
@@ -136,6 +188,28 @@ class Engine:
             self._post(reply, ("text", held))
         reply.done = True
         self._post(reply, ("end", reason, len(text.ids)))
+
+    def _fail(self, reply: Reply, e: Exception) -> None:
+        reply.done = True
+        message = f"decoding failed: {type(e).__name__}: {e}"
+        print(f"rgpt serve: a reply's {message}", file=sys.stderr, flush=True)
+        self._post(reply, ("error", 500, message))
+
+    def _end_all(self, why: str) -> None:
+        """End every reply, active or waiting, with a 503 (the lock is held)."""
+        for reply in [*(entry[0] for entry in self.active), *self.waiting]:
+            self._post(reply, ("error", 503, why))
+        self.active, self.waiting = [], collections.deque()
+
+    def _die(self, why: str) -> None:
+        print(
+            f"rgpt serve: the decoding thread stopped: {why}; /health answers 503",
+            file=sys.stderr,
+            flush=True,
+        )
+        with self.lock:
+            self.failure = why
+            self._end_all(f"the decoding thread has stopped ({why})")
 
     @staticmethod
     def _post(reply: Reply, event: tuple) -> None:
