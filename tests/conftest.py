@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.fixtures_ckpt import one_thread, tiny_run  # noqa: F401  (fixtures for every test module)
+
 # tests use tiny tensors: one thread avoids the workers' synchronisation cost (10x faster on 2 busy cores)
 torch.set_num_threads(1)
 

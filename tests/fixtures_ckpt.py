@@ -111,10 +111,10 @@ def run_cli(module, *args, cwd, stdin=""):
     )
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def one_thread():
     """Tiny tensors: one thread, whose cost is the work itself; several spin-wait for each other on a busy
-    machine (measured 15x slower on a loaded 2-core box). Autouse wherever a test module imports it."""
+    machine (measured 15x slower on a loaded 2-core box). A module asks for it with its pytestmark."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

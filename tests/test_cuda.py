@@ -9,9 +9,9 @@ import torch
 from rgpt.nn.model import GPT
 from rgpt.nn.optim import Adam
 from tests.helpers import assert_close
+from tests.nn.test_model import batch, make_model, reference_grads, tiny_config
 from tests.reference import reference_from
-from tests.test_model import batch, make_model, reference_grads, tiny_config
-from tests.test_train_cli import REPO, ckpts, cli_args, cli_env
+from tests.training.test_train_cli import REPO, ckpts, cli_args, cli_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DT = torch.float64
@@ -85,7 +85,7 @@ def test_kv_cache_on_cuda_matches_full_recomputation():
 
 @pytest.mark.slow
 def test_training_cli_on_cuda_then_resume_on_cpu(tmp_path):
-    from tests.test_train_cli import write_corpus
+    from tests.training.test_train_cli import write_corpus
 
     (tmp_path / "corpus").mkdir()
     corpus = write_corpus(tmp_path / "corpus")

@@ -53,7 +53,7 @@ KINDS = ("pretrain", "sft", "pairs")  # pairs: DPO's preference pairs, read by r
 
 @dataclass
 class DataConfig:
-    """A stage's data settings: the one definition (conf/config.yaml's `data:` overrides it; the trainer
+    """A stage's data settings: the one definition (rgpt/conf's `data:` keys override it; the stage
     sets `kind` from the stage)."""
 
     files: list[str] = field(default_factory=list)  # corpus files and/or directories of one training stage
@@ -98,7 +98,7 @@ CORPUS_KINDS = ("pretrain", "sft")  # the corpora a vocabulary is built from (to
 @dataclass
 class TokenizerSettings:
     # corpora the vocabulary is built from, by kind (pretrain, sft): both stages', so sft's words are known from
-    # the start (conf/data/*.yaml name them)
+    # the start (rgpt/conf/config.yaml names the built-in ones)
     files: dict = field(default_factory=dict)
     min_freq: int = 2  # words seen fewer times are spelled with their characters (every character is kept)
     max_size: int = 20000  # vocabulary cap, most frequent first

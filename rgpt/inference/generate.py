@@ -1,6 +1,6 @@
 """Decoding from a GPT: greedy, sampling (temperature, top-k, top-p), beam search and a repetition penalty.
 
-Everything here works on token ids; the chat template and the text live in rgpt.chat. The prompt is
+Everything here works on token ids; the chat template and the text live in rgpt.inference.conversation. The prompt is
 prefilled through the KV caches in one pass, then each step feeds one token (B tokens for B beams).
 When the window is full the oldest tokens slide out (see Window), so generation never stops for lack
 of room. Logits rows are (B, V) throughout; nothing loops over the vocabulary in Python.
@@ -23,16 +23,29 @@ METHODS = ("greedy", "sample", "beam")
 class DecodeConfig:
     """How to pick tokens. top_k=0 and top_p=1.0 switch those filters off; they apply to method=sample."""
 
-    method: str = "greedy"  # greedy | sample | beam
-    temperature: float = 1.0  # sample: logits are divided by it; 0 means greedy
+    # greedy | sample | beam; greedy gives the trained answer, deterministic and repeatable
+    method: str = "greedy"
+    # sample: logits are divided by it; < 1 is more conservative (0.7 reads well), 1.0 is the model's own
+    # distribution, 0 means greedy
+    temperature: float = 1.0
     top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
-    top_p: float = 1.0  # sample: keep the smallest most-likely set with mass >= top_p (1.0 = all)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already generated in this reply (CTRL rule)
-    beam_width: int = 4
-    length_penalty: float = 1.0  # beam: a finished hypothesis scores logprob / length**length_penalty
-    max_new_tokens: int = 100
+    top_p: float = (
+        1.0  # sample: keep the smallest most-likely set with mass >= top_p (0.9 is common; 1.0 = all)
+    )
+    # > 1 discourages tokens already generated in this reply (CTRL rule; 1.1-1.3 breaks loops); 1.0 is off,
+    # so trained answers stay exact
+    repetition_penalty: float = 1.0
+    beam_width: int = 4  # beam: hypotheses kept; 4 finds most of beam search's gain at 4x the work of greedy
+    # beam: a finished hypothesis scores logprob / length**length_penalty; 1.0 is the per-token average, 0
+    # favours short replies
+    length_penalty: float = 1.0
+    max_new_tokens: int = (
+        100  # longest reply in tokens (about 150 characters); the reference's cap of 20 cut answers off
+    )
     min_new_tokens: int = 1  # the end of the turn is not allowed before this many tokens: no empty reply
-    seed: int | None = None  # sample: seeds a private generator, so a run is reproducible
+    seed: int | None = (
+        None  # sample: seeds a private generator, so a run is reproducible; None draws fresh ones
+    )
 
     def check(self) -> "DecodeConfig":
         """Raise ValueError naming the first bad field; return self."""

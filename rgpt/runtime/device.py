@@ -86,7 +86,7 @@ def set_allocator(mode: str) -> bool:
 
 
 def setup_runtime(device: str, threads, allocator: str) -> torch.device:
-    """The keys every entry point shares (conf/shared.yaml), checked and applied: returns the device."""
+    """The keys every entry point shares (RuntimeSettings), checked and applied: returns the device."""
     dev = resolve_device(device)  # before any work: device=cuda without a GPU fails here
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

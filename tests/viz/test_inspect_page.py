@@ -10,12 +10,11 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests import fixtures_ckpt
 from tests.fixtures_browser import chrome, ink  # skips this module where there is no browser
 from tests.fixtures_ckpt import run_cli, trained
 
-tiny_run = fixtures_ckpt.tiny_run
-one_thread = fixtures_ckpt.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
+
 TEXT = "山脉是如何形成的？"
 
 # Each character drawn alone on a canvas in the font of the page's token labels; returns the pixels' alpha

@@ -23,7 +23,7 @@ from rgpt.runtime import checkpoint as ckpt
 from rgpt.training.distributed import Dist, hydra_overrides
 from tests.helpers import ALL_OPTIONS, assert_close, write_tiny_corpus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS_PER_EPOCH = 4  # 13 micro-batches of 4 windows, grad_accum 4: groups of 4, 4, 4 and 1 (rank 1 idle)
 

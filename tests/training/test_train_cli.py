@@ -26,7 +26,7 @@ from rgpt.runtime import checkpoint as ckpt
 from rgpt.training.diagnostics import GROUPS
 from tests.helpers import ALL_OPTIONS, write_tiny_corpus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 10  # 80 documents -> 74 training windows -> 19 micro-batches of 4 -> 10 steps of 2
 
 

@@ -19,7 +19,7 @@ from rgpt.runtime import device as rdevice
 from rgpt.training.monitor import estimate_eta
 from rgpt.training.settings import TrainSettings
 from tests.fixtures_ckpt import run_cli as run_entry
-from tests.test_train_cli import (
+from tests.training.test_train_cli import (
     REPO,
     assert_same_weights,
     ckpts,

@@ -20,10 +20,10 @@ from rgpt.inference.generate import (
     top_p_filter,
 )
 from rgpt.nn.model import GPT, GPTConfig
-from tests import fixtures_ckpt
 from tests.helpers import assert_close
 
-one_thread = fixtures_ckpt.one_thread  # autouse: tiny tensors run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
+
 
 DT = torch.float64
 

@@ -20,11 +20,9 @@ from rgpt.inference.conversation import ReplyText
 from rgpt.inference.generate import DecodeConfig, generate
 from rgpt.inference.server import ServeConfig, listen, model_id, serve
 from rgpt.settings import ConfigError, load
-from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, trained
 from tests.fixtures_serve import Server
 
-tiny_run = fixtures_ckpt.tiny_run  # the session fixture: an out_dir with one SFT run of the tiny model
 Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
 KEY = "sk-rgpt-test"
 LONG = 100_000  # tokens: a reply that cannot finish during a test (min_tokens forbids an early end)

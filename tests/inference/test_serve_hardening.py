@@ -26,11 +26,9 @@ from rgpt.inference.conversation import Conversation, ReplyText, prompt_budget
 from rgpt.inference.generate import DecodeConfig
 from rgpt.inference.server import ServeConfig, api_key_from
 from rgpt.settings import ConfigError, load
-from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, BLOCK_SIZE, run_cli, trained
 from tests.fixtures_serve import Server
 
-tiny_run = fixtures_ckpt.tiny_run
 Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
 KEY = "sk-rgpt-hardening"
 JSON = {"Content-Type": "application/json"}

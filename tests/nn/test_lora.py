@@ -10,8 +10,8 @@ from rgpt.nn.model import GPT
 from rgpt.nn.optim import Adam
 from rgpt.settings import ConfigError
 from tests.helpers import assert_close, autograd_grads
+from tests.nn.test_model import batch, make_model, tiny_config
 from tests.reference import reference_from
-from tests.test_model import batch, make_model, tiny_config
 
 DT = torch.float64
 ALL = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]

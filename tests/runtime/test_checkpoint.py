@@ -18,7 +18,7 @@ from rgpt.nn.optim import Adam
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.runtime.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(vocab_size=20):

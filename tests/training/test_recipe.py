@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.helpers import write_tiny_corpus
-from tests.test_train_cli import assert_one_line_error, cli_env
+from tests.training.test_train_cli import assert_one_line_error, cli_env
 
 RARE = "龘"  # only in the held-out slice: it must never reach the vocabulary
 

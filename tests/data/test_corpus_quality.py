@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "check_corpus", Path(__file__).parents[1] / "scripts" / "check_corpus.py"
+    "check_corpus", Path(__file__).parents[2] / "scripts" / "check_corpus.py"
 )
 cc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cc)

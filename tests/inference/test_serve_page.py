@@ -7,12 +7,10 @@ when missing; elsewhere the test is skipped with a note unless RGPT_REQUIRE_BROW
 
 import pytest
 
-from tests import fixtures_ckpt
 from tests.fixtures_browser import chrome, ink  # skips this module where there is no browser
 from tests.fixtures_ckpt import ANSWERS
 from tests.fixtures_serve import Server
 
-tiny_run = fixtures_ckpt.tiny_run
 Q_MOUNTAIN, Q_HELLO, Q_SEASONS = "山脉是如何形成的？", "你好", "一年有几个季节？"
 
 from selenium.webdriver.common.by import By  # noqa: E402

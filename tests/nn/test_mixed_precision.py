@@ -6,8 +6,8 @@ import torch
 from rgpt.nn import optim
 from rgpt.nn.model import GPT
 from rgpt.nn.optim import Adam, clip_grad_norm_
+from tests.nn.test_model import OPTIONS, batch, make_model, tiny_config
 from tests.reference import reference_from
-from tests.test_model import OPTIONS, batch, make_model, tiny_config
 
 # bfloat16 keeps 8 significant bits (relative spacing 2^-8 ~ 0.4%), so bf16 gradients cannot match float64
 # to 1e-6. The yardstick is PyTorch's own bf16 autocast on the reference model: our error against the

@@ -15,11 +15,11 @@ from rgpt.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID, Tokenizer
 from rgpt.nn.dpo import DPOLoss
 from rgpt.stages.dpo import reference_logprobs, score_pairs
 from tests.helpers import assert_close
+from tests.nn.test_model import make_model
 from tests.reference import reference_from
-from tests.test_model import make_model
 
 DT = torch.float64
-PAIRS = Path(__file__).parent / "data" / "dpo_pairs.jsonl"
+PAIRS = Path(__file__).resolve().parents[1] / "files" / "dpo_pairs.jsonl"
 
 
 def reference_dpo_loss(logp, ref_logp, beta):
