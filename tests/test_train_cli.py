@@ -44,7 +44,10 @@ def write_corpus(root: Path) -> Corpus:
     return Corpus(pre, sft, root / "cache")
 
 
-def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain") -> list[str]:
+def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain", precision="fp32") -> list[str]:
+    """The training command line of the CLI tests. precision is pinned: auto is bf16 on a CPU with AVX-512
+    BF16 and fp32 elsewhere, so these tests would take another path on another machine; both precisions
+    of every stage are run on purpose by tests/test_precision_matrix.py."""
     files = corpus.pre if stage == "pretrain" else corpus.sft
     return [
         sys.executable,
@@ -64,6 +67,7 @@ def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain") -> list[str]:
         "train.warmup_steps=5",
         "train.cycle_steps=10",
         "threads=1",
+        f"precision={precision}",
         *extra,
     ]
 
