@@ -84,13 +84,16 @@ def test_kv_cache_on_cuda_matches_full_recomputation():
 
 
 @pytest.mark.slow
-def test_training_cli_on_cuda_then_resume_on_cpu(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_cli_on_cuda_then_resume_on_cpu(tmp_path, precision):
     from tests.training.test_train_cli import write_corpus
 
     (tmp_path / "corpus").mkdir()
     corpus = write_corpus(tmp_path / "corpus")
     for device, epochs in (("cuda", 1), ("cpu", 2)):
-        args = cli_args(corpus, tmp_path / "out", f"device={device}", f"train.max_epochs={epochs}")
+        args = cli_args(
+            corpus, tmp_path / "out", f"device={device}", f"train.max_epochs={epochs}", precision=precision
+        )
         if device == "cpu":
             args.append("resume=true")
         proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)

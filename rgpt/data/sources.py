@@ -132,7 +132,9 @@ def unpack(archive: Path, src: Source, into: Path) -> Path:
                     if m.name.startswith(wanted):
                         t.extract(m, into, filter="data")
         else:
-            _run([need("dpkg"), "-x", str(archive.resolve()), str(into)], into, f"dpkg -x {archive.name}")
+            # both paths absolute: dpkg runs in `into`, where a relative `into` would name into/into
+            deb, to = str(archive.resolve()), str(into.resolve())
+            _run([need("dpkg"), "-x", deb, to], into, f"dpkg -x {archive.name}")
     except DAMAGED as e:
         raise FetchError(f"{archive.name}: damaged archive ({e})") from None
     return into

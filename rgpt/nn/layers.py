@@ -40,10 +40,10 @@ class Layer:
         self.grads[name] = torch.zeros_like(value)
 
 
-def add_matmul_(acc, a, b):
-    """acc += a @ b, with acc possibly float32 while a, b are a lower precision (mixed precision)."""
+def add_matmul_(acc, a, b, alpha=1.0):
+    """acc += alpha * (a @ b), with acc possibly float32 while a, b are a lower precision (mixed precision)."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
         return
     # the product is accumulated in float32 inside the kernel and rounded once; it is then added in blocks
     # of rows, because widening it whole would allocate a float32 temporary as large as acc (25 MB for the
@@ -51,7 +51,7 @@ def add_matmul_(acc, a, b):
     prod = torch.mm(a, b)
     rows = max(1, (1 << 18) // max(1, acc.shape[1]))
     for i in range(0, acc.shape[0], rows):
-        acc[i : i + rows].add_(prod[i : i + rows])
+        acc[i : i + rows].add_(prod[i : i + rows], alpha=alpha)
 
 
 FEW_ROWS = 4  # products with at most this many rows (decoding: 1 row per sequence or beam) take _few_rows

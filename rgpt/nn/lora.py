@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rgpt.nn.layers import Dropout, Layer, Linear
+from rgpt.nn.layers import Dropout, Layer, Linear, add_matmul_
 from rgpt.nn.params import ParamStore
 from rgpt.settings import check
 
@@ -52,7 +52,11 @@ class LoRASettings:
 class LoRALinear(Layer):
     """h = base(x) + (α/r)·B·A·drop(x): a frozen Linear plus a trained low-rank update (params lora_A, lora_B).
 
-    `mode` is the model: its `training` flag switches the adapter's dropout with the model's own."""
+    `mode` is the model: its `training` flag switches the adapter's dropout with the model's own. Like the
+    Linear it wraps, its products run in the compute dtype (A and B are then the store's bfloat16 working
+    copy, their gradients float32), and h and the input gradient are in that dtype."""
+
+    low_precision = True
 
     def __init__(self, base: Linear, r: int, alpha: float, dropout: float, mode, generator):
         super().__init__()
@@ -72,24 +76,21 @@ class LoRALinear(Layer):
         x2 = xd.reshape(-1, xd.shape[-1]).to(A.dtype)  # (M, in)
         u = x2 @ A.t()  # (M, r)
         self.cache = (x2, u)
-        return h + (u @ B.t()).mul_(self.scale).view(h.shape)
+        return torch.addmm(h.view(-1, h.shape[-1]), u, B.t(), alpha=self.scale).view(h.shape)  # h + s·u Bᵀ
 
     def backward(self, dh):  # dh: (..., out)
         x2, u = self.cache
         A, B = self.params["lora_A"], self.params["lora_B"]
         dh2 = dh.reshape(-1, dh.shape[-1]).to(A.dtype)  # (M, out)
         # h += s · u Bᵀ:  dB += s · dhᵀ u,  du = s · dh B
-        self.grads["lora_B"].addmm_(dh2.t(), u, alpha=self.scale)  # (out, r)
+        add_matmul_(self.grads["lora_B"], dh2.t(), u, alpha=self.scale)  # (out, r)
         du = (dh2 @ B).mul_(self.scale)  # (M, r)
         # u = xd Aᵀ:  dA += duᵀ xd,  dxd = du A
-        self.grads["lora_A"].addmm_(du.t(), x2)  # (r, in)
+        add_matmul_(self.grads["lora_A"], du.t(), x2)  # (r, in)
         dxd = (du @ A).view(*dh.shape[:-1], A.shape[1])  # (..., in)
         self.cache = None
-        return self.base.backward(dh) + self.drop.backward(dxd)  # W0's path (no dW0) + the adapter's
-
-    def delta(self) -> torch.Tensor:
-        """(α/r)·B·A: what merging adds to W0, (out, in)."""
-        return self.scale * (self.params["lora_B"] @ self.params["lora_A"])
+        dx = self.base.backward(dh) + self.drop.backward(dxd)  # W0's path (no dW0) + the adapter's
+        return dx.to(A.dtype)  # the dropout mask is float32 at least; a Linear's dx is in the compute dtype
 
 
 def _parent(block, target: str):
@@ -101,7 +102,8 @@ def _parent(block, target: str):
 class Adapters:
     """LoRA adapters on the `targets` of every block of a GPT, in a ParamStore of their own.
 
-    Attaching them freezes every layer of the model (its store is never written nor differentiated)."""
+    Attaching them freezes every layer of the model (its store is never written nor differentiated). Under
+    mixed precision the adapters' store keeps a working copy in the model's compute dtype, as the model's does."""
 
     def __init__(self, model, cfg: LoRASettings):
         self.model, self.cfg = model, cfg
@@ -116,13 +118,16 @@ class Adapters:
                 )
                 setattr(parent, name, lora)  # the block's forward and backward now go through the adapter
                 self.layers[f"h.{i}.{target}"] = lora
-        entries = [
-            (f"{p}.{k}", lora.params[k], False) for p, lora in self.layers.items() for k in lora.params
-        ]
-        self.store = ParamStore(entries, device=model.device, dtype=model.dtype)
+        entries = [(f"{p}.{k}", lora.params[k], True) for p, lora in self.layers.items() for k in lora.params]
+        self.store = ParamStore(
+            entries, device=model.device, dtype=model.dtype, compute_dtype=model.compute_dtype
+        )
         for p, lora in self.layers.items():
             for k in lora.params:
-                lora.params[k], lora.grads[k] = self.store.params[f"{p}.{k}"], self.store.grads[f"{p}.{k}"]
+                lora.params[k], lora.grads[k] = (
+                    self.store.compute_view(f"{p}.{k}"),
+                    self.store.grads[f"{p}.{k}"],
+                )
 
     def describe(self) -> dict:
         """adapter.json: what rebuilds these adapters on the same base model."""
@@ -135,11 +140,16 @@ class Adapters:
             "targets": list(c.targets),
         }
 
+    def delta(self, name: str) -> torch.Tensor:
+        """(α/r)·B·A of adapter `name` ("h.0.attn.c_attn") from the master weights: what merging adds to W0."""
+        A, B = self.store.params[f"{name}.lora_A"], self.store.params[f"{name}.lora_B"]
+        return self.layers[name].scale * (B @ A)  # (out, in)
+
     def merge(self) -> None:
         """W0 += (α/r)·B·A in the model's store, then take the adapters out: the model is plain again."""
         with self.model.store.write():
-            for p, lora in self.layers.items():
-                self.model.params[f"{p}.weight"].add_(lora.delta())
+            for p in self.layers:
+                self.model.params[f"{p}.weight"].add_(self.delta(p))
         for i, block in enumerate(self.model.h):
             for target in self.cfg.targets:
                 parent, name = _parent(block, target)

@@ -29,6 +29,7 @@ def fetched(tmp_path_factory):
 
 def train(root, sft, *extra):
     args = [sys.executable, "-m", "rgpt.train", "data=mix", "model=tiny", "out_dir=out", "threads=1"]
+    args += ["precision=fp32"]  # not auto, which is bf16 or fp32 by CPU: the same path on every machine
     args += ["monitor.progress=false", "monitor.sample_tokens=4", f"tokenizer.files.sft=[{sft}]"]
     args += ["train.batch_size=4", "train.grad_accum=1", "train.warmup_steps=2", "train.cycle_steps=20"]
     return subprocess.run(

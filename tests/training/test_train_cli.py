@@ -44,7 +44,10 @@ def write_corpus(root: Path) -> Corpus:
     return Corpus(pre, sft, root / "cache")
 
 
-def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain") -> list[str]:
+def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain", precision="fp32") -> list[str]:
+    """The training command line of the CLI tests. precision is pinned: auto is bf16 on a CPU with AVX-512
+    BF16 and fp32 elsewhere, so these tests would take another path on another machine; both precisions
+    of every stage are run on purpose by tests/test_precision_matrix.py."""
     files = corpus.pre if stage == "pretrain" else corpus.sft
     return [
         sys.executable,
@@ -64,6 +67,7 @@ def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain") -> list[str]:
         "train.warmup_steps=5",
         "train.cycle_steps=10",
         "threads=1",
+        f"precision={precision}",
         *extra,
     ]
 
@@ -218,17 +222,24 @@ def test_pretrain_writes_the_run_directory_and_every_tensorboard_tag(pretrain):
     assert not acc.Tags()["images"], "attention images every 100 steps: none in 20"
 
 
-def test_diagnostics_gradient_check_and_attention_images_reach_tensorboard(corpus, pretrain, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # the probes read bf16 activations in bf16
+def test_diagnostics_gradient_check_and_attention_images_reach_tensorboard(
+    corpus, pretrain, tmp_path, precision
+):
     out = tmp_path / "out"
-    proc = run_cli(
-        corpus,
-        out,
-        "train.max_steps=4",
-        "monitor.diagnostics=true",
-        "monitor.diagnostics_every=2",
-        "monitor.gradcheck_every=3",
-        "monitor.attention_every=2",
+    proc = run(
+        cli_args(
+            corpus,
+            out,
+            "train.max_steps=4",
+            "monitor.diagnostics=true",
+            "monitor.diagnostics_every=2",
+            "monitor.gradcheck_every=3",
+            "monitor.attention_every=2",
+            precision=precision,
+        )
     )
+    assert f"precision {precision}" in proc.stdout
     acc = tensorboard(run_dir(out))
     scalars = acc.Tags()["scalars"]
     for group in GROUPS:
@@ -244,8 +255,11 @@ def test_diagnostics_gradient_check_and_attention_images_reach_tensorboard(corpu
     assert check.step == 3 and check.value < 1e-6, check
     assert "step 3: gradient check along" in proc.stdout and "GRADIENT CHECK FAILED" not in proc.stdout
     assert "diagnostics" in proc.stdout.split("time: ")[1], "the time report counts the diagnostics' cost"
-    # none of it changes the run: the same loss curve as the default run's first 4 steps
-    assert scalar_curve(run_dir(out)) == scalar_curve(run_dir(pretrain[0]))[:4]
+    # none of it changes the run: the same loss curve as the default run's first 4 steps (the shared run is fp32)
+    plain = pretrain[0] if precision == "fp32" else tmp_path / "plain"
+    if precision != "fp32":
+        run(cli_args(corpus, plain, "train.max_steps=4", precision=precision))
+    assert scalar_curve(run_dir(out)) == scalar_curve(run_dir(plain))[:4]
 
 
 def test_same_seed_and_settings_give_the_same_loss_curve(corpus, pretrain, tmp_path):
