@@ -19,7 +19,7 @@ import torch
 
 from rgpt.cli import hydra_main, quote_text_overrides, settings
 from rgpt.inference.conversation import Chat, ReplySettings, note
-from rgpt.inference.load import open_model
+from rgpt.inference.load import ModelChoice
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError
 
@@ -30,10 +30,7 @@ TEXT_KEYS = ("prompt", "checkpoint", "out_dir")
 
 @dataclass
 class ChatConfig:
-    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
-    # pretraining, with a notice)
-    checkpoint: str | None = None
-    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
     prompt: str | None = (
         None  # a question: answer it, print only the reply and exit; None: interactive, or stdin lines
     )
@@ -95,7 +92,7 @@ def piped(chat: Chat, lines) -> None:
 def _main(cfg) -> None:
     c = settings(ChatConfig, cfg)
     device = c.runtime.apply()
-    model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    model, tok, path = c.model.open(device)
     chat = Chat(model, tok, c.reply.decode, c.reply.context_tokens)
     for stream_ in (sys.stdin, sys.stdout):  # odd bytes in or an odd terminal must never crash a chat
         if hasattr(stream_, "reconfigure"):

@@ -13,7 +13,6 @@ import torch
 from rgpt.cli import hydra_main, quote_text_overrides, settings
 from rgpt.data import CorpusError, expand_paths
 from rgpt.inference.evaluate import EvalConfig, evaluate
-from rgpt.inference.load import open_model
 
 
 def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
@@ -40,7 +39,7 @@ def _main(cfg) -> None:
     c = settings(EvalConfig, cfg)
     device = c.runtime.apply()
     expand_paths(c.data_path)  # a missing file fails before the model loads
-    model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    model, tok, path = c.model.open(device)
     try:
         result = evaluate(model, tok, c)
     except CorpusError as e:

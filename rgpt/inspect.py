@@ -19,7 +19,7 @@ import torch
 
 from rgpt.cli import hydra_main, quote_text_overrides, settings
 from rgpt.inference.conversation import note
-from rgpt.inference.load import open_model
+from rgpt.inference.load import ModelChoice
 from rgpt.runtime.checkpoint import read_state
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError, check
@@ -31,10 +31,7 @@ TEMPLATES = ("auto", "plain", "prompt")
 
 @dataclass
 class InspectConfig:
-    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
-    # pretraining, with a notice)
-    checkpoint: str | None = None
-    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
     text: str = "山脉是如何形成的？"  # the text to look inside; the training sample prompt, so the page matches TensorBoard's
     # prompt: chat's <bos><user> text <assistant>; plain: pretraining's <bos> text; auto: prompt for an sft
     # checkpoint, else plain
@@ -104,7 +101,7 @@ def check_against(model, ids, c: InspectConfig) -> None:
 def _main(cfg) -> None:
     c = settings(InspectConfig, cfg)
     device = c.runtime.apply()
-    model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    model, tok, path = c.model.open(device)
     ids, template = encode(tok, c.text, c.template, read_state(path).get("stage"))
     check_against(model, ids, c)
     data = page_data(model, tok, ids, checkpoint=path, template=template, top_k=c.top_k)

@@ -150,7 +150,7 @@ def main() -> None:
         if ckpt.find(out / stage / "m17" / "checkpoints", "final") is None:
             cli("rgpt.train", *args, *common)
         if stage == "lora" and ckpt.find(out / "lora" / "m17" / "merged", "final") is None:
-            cli("rgpt.nn.lora", "merge", str(out / "lora" / "m17"))
+            cli("rgpt.lora", "merge", str(out / "lora" / "m17"))
 
     em_data = taught_subset(out / "taught_first.jsonl", a.em)
     sft, lora_ckpt = best(out, "sft"), best(out, "lora")

@@ -21,6 +21,7 @@ import torch
 from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
 from rgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
 from rgpt.inference.generate import DecodeConfig, generate
+from rgpt.inference.load import ModelChoice
 from rgpt.nn.loss import IGNORE_INDEX as IGNORE
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError, check
@@ -39,10 +40,7 @@ class EvalData:
 class EvalConfig:
     """python -m rgpt.eval's settings: what to score, how, and with which model."""
 
-    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
-    # pretraining, with a notice)
-    checkpoint: str | None = None
-    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
     data: EvalData = field(default_factory=EvalData)
     # lm: loss, perplexity, bits/char, <unk> rate; sft: also greedy replies scored by exact match and char F1
     task: str = "lm"

@@ -17,6 +17,9 @@ from rgpt.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, USER_ID
 # has ended it too, and none of these may appear inside a reply.
 END_OF_TURN = (EOS_ID, USER_ID, ASSISTANT_ID, BOS_ID, PAD_ID)
 METHODS = ("greedy", "sample", "beam")
+# below it sampling decodes greedily: the limit of sampling as T -> 0, and logits / T stay finite (a
+# temperature of 1e-40 would turn every logit into +-inf and the draw into NaN)
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -26,7 +29,7 @@ class DecodeConfig:
     # greedy | sample | beam; greedy gives the trained answer, deterministic and repeatable
     method: str = "greedy"
     # sample: logits are divided by it; < 1 is more conservative (0.7 reads well), 1.0 is the model's own
-    # distribution, 0 means greedy
+    # distribution; below MIN_TEMPERATURE (0 included) it decodes greedily
     temperature: float = 1.0
     top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
     top_p: float = (
@@ -102,7 +105,7 @@ def top_p_filter(logits, p: float):
 def next_token(logits, cfg: DecodeConfig, seen=None, generator=None):
     """(B, V) logits -> (B,) ids: repetition penalty, then argmax, or temperature, top-k, top-p and a draw."""
     logits = penalise_repeats(logits, seen, cfg.repetition_penalty)
-    if cfg.method == "greedy" or cfg.temperature == 0:
+    if cfg.method == "greedy" or cfg.temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
     return torch.multinomial(_softmax(logits), 1, generator=generator).squeeze(-1)

@@ -1,5 +1,6 @@
 """Opening a trained model for inference: a checkpoint, a run directory, or the newest trained one."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rgpt.inference.conversation import note
@@ -27,3 +28,17 @@ def open_model(checkpoint, out_dir, device):
                     break
     model, tok, _ = load_model(path, device=device)
     return model, tok, path
+
+
+@dataclass
+class ModelChoice:
+    """Which trained model a command opens (chat, eval, serve and inspect alike)."""
+
+    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
+    # pretraining, with a notice)
+    checkpoint: str | None = None
+    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+
+    def open(self, device):
+        """(model, tokenizer, checkpoint path): see open_model."""
+        return open_model(self.checkpoint, self.out_dir, device)

@@ -12,13 +12,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import ClientDisconnect
 
 from rgpt.inference.conversation import Conversation
-from rgpt.inference.generate import DecodeConfig
+from rgpt.inference.generate import MIN_TEMPERATURE, DecodeConfig
 
 IGNORED_ROLES = ("system", "developer")  # the model was never trained with a system turn
 PASSED = ("top_p", "top_k", "seed", "repetition_penalty", "min_tokens")  # request fields DecodeConfig takes
 RENAMED = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}  # request name -> DecodeConfig's
 MAX_STOPS, MAX_STOP_CHARS = 4, 64  # OpenAI's 4 stop strings; 64 characters each bound the check per token
-MIN_TEMPERATURE = 1e-4  # below it a request decodes greedily: sampling's limit, and logits / T stay finite
 # OpenAI's request fields that rgpt cannot honour: refused with 400 unless absent or set to a no-op value
 UNSUPPORTED = {
     "tools": (lambda v: not v, "tool calling is not supported"),

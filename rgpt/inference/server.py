@@ -19,7 +19,7 @@ from rgpt.inference.api import Service, create_app
 from rgpt.inference.conversation import ReplySettings, context_window
 from rgpt.inference.engine import Engine
 from rgpt.inference.generate import DecodeConfig
-from rgpt.inference.load import open_model
+from rgpt.inference.load import ModelChoice
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError, check
 
@@ -31,10 +31,7 @@ ORIGIN = re.compile(r"(https?://[^/\s]+|null|\*)", re.IGNORECASE)
 class ServeConfig:
     """python -m rgpt.serve's settings; the decoding keys are the defaults a request's fields override."""
 
-    # a checkpoint, run or checkpoints/ directory; None: best of the newest SFT run under out_dir (else
-    # pretraining, with a notice)
-    checkpoint: str | None = None
-    out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
     # loopback: only this machine can connect; another host (0.0.0.0: the network) refuses to start without a key
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the address is printed at start)
@@ -239,7 +236,7 @@ class Server(uvicorn.Server):
 
 def serve(c: ServeConfig, device) -> None:
     check_exposure(c)
-    model, tok, path = open_model(c.checkpoint, c.out_dir, device)
+    model, tok, path = c.model.open(device)
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
     engine = Engine(model, tok, c.max_active, c.max_queue)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rgpt.inference.generate import (
+    MIN_TEMPERATURE,
     DecodeConfig,
     Window,
     beam_search,
@@ -340,3 +341,20 @@ def test_empty_prompt_and_streaming_beam_are_refused():
         generate(model, [], DecodeConfig())
     with pytest.raises(ValueError, match="cannot stream"):
         next(stream(model, [1], DecodeConfig(method="beam")))
+
+
+def test_a_vanishing_temperature_samples_greedily_not_nan():
+    """logits / 1e-40 would be +-inf and the draw NaN: below MIN_TEMPERATURE sampling is the argmax."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    for t in (0.0, 1e-40, MIN_TEMPERATURE / 2):
+        got = next_token(
+            logits, DecodeConfig(method="sample", temperature=t), generator=torch.Generator().manual_seed(0)
+        )
+        assert got.tolist() == [1], f"temperature {t}: {got.tolist()}"
+    draws = {
+        next_token(
+            logits, DecodeConfig(method="sample", temperature=5.0), generator=torch.Generator().manual_seed(s)
+        ).item()
+        for s in range(40)
+    }
+    assert len(draws) > 1, "a real temperature still samples"

@@ -73,7 +73,7 @@ def test_pretrain_then_lora_then_merge_then_chat(straight):
         f"h.{i}.{t}.lora_{m}" for i in (0, 1) for t in ("attn.c_attn", "mlp.c_fc") for m in "AB"
     )
 
-    merged_out = run([sys.executable, "-m", "rgpt.nn.lora", "merge", str(run_dir(out, "lora"))])
+    merged_out = run([sys.executable, "-m", "rgpt.lora", "merge", str(run_dir(out, "lora"))])
     (merged,) = ckpt.list_checkpoints(run_dir(out, "lora") / "merged", "final")
     assert str(merged) in merged_out.stdout
     w0, w = weights(base), weights(merged)
