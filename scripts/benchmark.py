@@ -50,8 +50,7 @@ def split_dialogues(tmp: Path) -> dict[str, Path]:
 
 def run(module: str, *args: str, stdin: str | None = None) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
+        [sys.executable, "-m", module, *args],  # in the caller's directory: its paths are relative to it
         input=stdin,
         capture_output=True,
         text=True,
