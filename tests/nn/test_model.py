@@ -26,12 +26,17 @@ OPTIONS = {
     "rope": {"pos": "rope"},
     "tied": {"tie_embeddings": True},
     "flash": {"attn": "flash"},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1, "attn": "flash"},
+    "nobias": {"bias": False},
     "all": {
         "activation": "swiglu",
         "norm": "rmsnorm",
         "pos": "rope",
         "tie_embeddings": True,
         "attn": "flash",
+        "n_kv_head": 2,
+        "bias": False,
     },
 }
 
@@ -237,8 +242,9 @@ def test_training_step_needs_no_autograd(monkeypatch):
         torch.set_grad_enabled(prev)
 
 
-def test_kv_cache_matches_full_recomputation():
-    model = make_model()
+@pytest.mark.parametrize("option", OPTIONS)
+def test_kv_cache_matches_full_recomputation(option):
+    model = make_model(**OPTIONS[option])
     model.eval()
     idx = torch.randint(0, 23, (2, 11))
     full = model.forward(idx)
@@ -246,7 +252,9 @@ def test_kv_cache_matches_full_recomputation():
     got = [model.forward_cached(idx[:, :5], caches)]  # prefill in one pass
     for t in range(5, 11):  # then one token at a time
         got.append(model.forward_cached(idx[:, t : t + 1], caches))
-    assert_close(torch.cat(got, dim=1), full, "cached logits vs full forward")
+    assert_close(torch.cat(got, dim=1), full, f"cached logits vs full forward ({option})")
+    kv_heads = model.config.n_kv_head or model.config.n_head
+    assert caches[0].k.shape[1] == kv_heads, f"the cache holds {caches[0].k.shape[1]} heads, not {kv_heads}"
     with pytest.raises(ValueError, match="overflow"):
         model.forward_cached(idx[:, :2], caches)
 
