@@ -282,3 +282,20 @@ def test_kv_cache_last_only_logits():
     last = model.forward_cached(idx, model.new_kv_caches(batch=2), last_only=True)
     assert last.shape == (2, 1, 23)
     assert_close(last[:, 0], full[:, -1], "last-position logits of a prefill")
+
+
+def test_a_checkpoint_that_predates_n_kv_head_and_bias_builds_todays_model():
+    old = tiny_config().to_dict()
+    del old["n_kv_head"], old["bias"]
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.n_kv_head, cfg.kv_heads, cfg.bias) == (0, 4, True)
+    model = GPT(cfg)
+    assert model.params["h.0.attn.c_attn.weight"].shape == (3 * 16, 16), "q, k and v of 4 heads each"
+    assert "h.0.attn.c_attn.bias" in model.params and "lm_head.bias" in model.params
+
+
+def test_no_bias_means_no_bias_parameters_anywhere():
+    model = GPT(tiny_config(bias=False, tie_embeddings=True))
+    assert not [
+        n for n in model.params if n.endswith(".bias") and ".ln_" not in n and not n.startswith("ln_f")
+    ]
