@@ -54,6 +54,12 @@ class JsonTokenizer(TokenizerBase):
             ids = [i for i in ids if i >= len(SPECIALS) or i == UNK_ID]
         return self._tok.decode(self.hf_ids[ids].tolist(), skip_special_tokens=False)
 
+    def decode_more(self, ids: list[int], shown: str) -> str:
+        """A tokenizer.json's pieces need their neighbours (a space that a decoder adds or drops, the bytes
+        of one character), so the whole is decoded; a half character at its end waits for its other bytes."""
+        text = self.decode(ids)
+        return "" if text.endswith("\ufffd") or not text.startswith(shown) else text[len(shown) :]
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,

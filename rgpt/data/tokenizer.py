@@ -103,6 +103,11 @@ class TokenizerBase:
     def to_dict(self) -> dict:
         raise NotImplementedError
 
+    def decode_more(self, ids: list[int], shown: str) -> str:
+        """The text that token ids[-1] adds to `shown`, the decoding of ids[:-1] (a reply streamed token by
+        token). Here pieces join without separators, so it is the last token's piece."""
+        return self.decode(ids[-1:])
+
     def encode_pretrain(self, text: str) -> list[int]:
         return [BOS_ID, *self.encode(text), EOS_ID]
 
