@@ -203,3 +203,21 @@ def test_inspect_draws_an_imported_checkpoint(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "river" in (tmp_path / "attn.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("stage", ["lora", "dpo"])
+def test_lora_and_dpo_train_from_an_imported_checkpoint(tmp_path, stage):
+    from tests.stages.test_dpo_cli import DPO, PAIRS
+    from tests.stages.test_lora_cli import LORA
+
+    src = tmp_path / "src"
+    random_llama(src, tied=False, dtype=torch.float32)
+    path = tmp_path / "ckpt"
+    assert import_cli(src, path, tmp_path).returncode == 0
+    corpus, out = write_corpus(tmp_path), tmp_path / "out"
+    args = [a for a in cli_args(corpus, out, stage="sft") if not a.startswith(("stage=", "data.files="))]
+    extra = [*LORA, f"data.files=[{corpus.sft}]"] if stage == "lora" else [*DPO, f"data.files=[{PAIRS}]"]
+    run([*args, f"stage={stage}", f"resume_from={path}", "train.max_steps=2", *extra])
+    final = ckpt.list_checkpoints(out / stage / "default" / "checkpoints", "final")
+    assert final, f"{stage} saved no final checkpoint"
+    assert load_tokenizer(final[-1]).to_dict() == load_tokenizer(path).to_dict()
