@@ -221,3 +221,25 @@ def test_lora_and_dpo_train_from_an_imported_checkpoint(tmp_path, stage):
     final = ckpt.list_checkpoints(out / stage / "default" / "checkpoints", "final")
     assert final, f"{stage} saved no final checkpoint"
     assert load_tokenizer(final[-1]).to_dict() == load_tokenizer(path).to_dict()
+
+
+def test_serve_answers_with_an_imported_checkpoint(tmp_path):
+    openai = pytest.importorskip("openai")
+    from tests.fixtures_serve import Server
+
+    src = tmp_path / "src"
+    random_llama(src, tied=False, dtype=torch.float32)
+    path = tmp_path / "ckpt"
+    assert import_cli(src, path, tmp_path).returncode == 0
+    question = "how is the river"
+    chat = run_cli("chat", f"checkpoint={path}", f"prompt={question}", "max_new_tokens=5", cwd=tmp_path)
+    assert chat.returncode == 0, chat.stderr
+    server = Server(f"checkpoint={path}", cwd=tmp_path)
+    try:
+        api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": question}]
+        r = api.chat.completions.create(model=server.model, messages=messages, max_tokens=5, temperature=0)
+        assert r.choices[0].message.content + "\n" == chat.stdout, (r.choices[0].message.content, chat.stdout)
+    finally:
+        code, stderr = server.stop()
+    assert code == 0 and "Traceback" not in stderr, stderr
