@@ -17,8 +17,10 @@ from tests.fixtures_ckpt import DIALOGUES, STEPS, run_cli, trained
 from tests.helpers import assert_close
 from tests.nn.test_model import make_model
 
+os.environ["HF_HUB_OFFLINE"] = (
+    "1"  # everything is local: no download, ever (set before transformers reads it)
+)
 transformers = pytest.importorskip("transformers")
-os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local: no download, ever
 
 LLAMA_ARCH = (*LLAMA.items(), ("n_kv_head", 2))  # model=llama at the tiny sizes
 
