@@ -36,18 +36,20 @@ STEPS = 300
 
 
 @functools.cache
-def trained():
-    """(model, tokenizer, final loss), trained with hand-written Adam on the assistant tokens only."""
+def trained(arch: tuple = ()):
+    """(model, tokenizer, final loss), trained with hand-written Adam on the assistant tokens only.
+
+    arch: (key, value) pairs of GPTConfig settings other than the tiny sizes (model=llama's, say)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread avoids OpenMP overhead on a busy machine (10x)
     try:
         with torch.random.fork_rng(), torch.no_grad():
-            return _train()
+            return _train(dict(arch))
     finally:
         torch.set_num_threads(threads)
 
 
-def _train():
+def _train(arch):
     torch.manual_seed(0)
     tok = Tokenizer.build([c for turns in DIALOGUES for _, c in turns] + ["地壳运动"], min_freq=1, idioms=())
     cfg = GPTConfig(
@@ -58,6 +60,7 @@ def _train():
         n_hidden=64,
         block_size=BLOCK_SIZE,
         dropout=0.0,
+        **arch,
     )
     model = GPT(cfg)
     encoded = [tok.encode_dialogue(turns) for turns in DIALOGUES]

@@ -15,6 +15,8 @@ ALL_OPTIONS = (
     "model.activation=swiglu",
     "model.tie_embeddings=true",
     "model.attn=flash",
+    "model.n_kv_head=2",
+    "model.bias=false",
 )
 
 

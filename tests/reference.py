@@ -36,14 +36,25 @@ class RefAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
+        self.n_kv_head = getattr(cfg, "n_kv_head", 0) or cfg.n_head
         self.rope = getattr(cfg, "pos", "sinusoidal") == "rope"
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        bias = getattr(cfg, "bias", True)
+        kv = self.n_kv_head * cfg.n_embd // cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
 
     def forward(self, x, key_padding_mask=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        D = C // self.n_head
+        q, k, v = self.c_attn(x).split((C, self.n_kv_head * D, self.n_kv_head * D), dim=2)
+        q = q.view(B, T, self.n_head, D).transpose(1, 2)
+        # grouped-query attention written the plain way: each kv head copied for its n_head / n_kv_head q heads
+        k, v = (
+            t.view(B, T, self.n_kv_head, D)
+            .transpose(1, 2)
+            .repeat_interleave(self.n_head // self.n_kv_head, 1)
+            for t in (k, v)
+        )
         if self.rope:
             q, k = rope(q), rope(k)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -61,8 +72,9 @@ class RefMLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
         width = round(2 * cfg.n_hidden / 3) if self.swiglu else cfg.n_hidden
-        self.c_fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width)
-        self.c_proj = nn.Linear(width, cfg.n_embd)
+        bias = getattr(cfg, "bias", True)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width, bias=bias)
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=bias)
         self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
 
     def forward(self, x):
@@ -95,10 +107,10 @@ class RefBlock(nn.Module):
 class TiedHead(nn.Module):
     """logits = x @ wte.T / sqrt(C) + b: only the bias is its own."""
 
-    def __init__(self, wte):
+    def __init__(self, wte, bias=True):
         super().__init__()
         self.wte = [wte]  # a list, so the embedding is not registered twice
-        self.bias = nn.Parameter(torch.zeros(wte.num_embeddings))
+        self.bias = nn.Parameter(torch.zeros(wte.num_embeddings)) if bias else None
 
     def forward(self, x):
         return F.linear(x / math.sqrt(x.shape[-1]), self.wte[0].weight, self.bias)
@@ -114,7 +126,8 @@ class RefGPT(nn.Module):
         self.h = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_f = norm(cfg)
         tied = getattr(cfg, "tie_embeddings", False)
-        self.lm_head = TiedHead(self.wte) if tied else nn.Linear(cfg.n_embd, cfg.vocab_size)
+        bias = getattr(cfg, "bias", True)
+        self.lm_head = TiedHead(self.wte, bias) if tied else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=bias)
 
     def forward(self, idx, targets=None, dropout_masks=None):
         T = idx.shape[1]

@@ -12,7 +12,7 @@ from rgpt.stages import STAGES
 from rgpt.training.settings import RunConfig
 
 ROOT = Path(rgpt.__file__).resolve().parent
-ENTRY_POINTS = {"train", "chat", "eval", "serve", "inspect", "lora"}  # python -m rgpt.<name>
+ENTRY_POINTS = {"train", "chat", "eval", "serve", "inspect", "lora", "hf"}  # python -m rgpt.<name>
 # what each layer may import (besides itself); the entry points may import anything
 MAY_IMPORT = {
     "settings": set(),

@@ -42,7 +42,7 @@ from rgpt.data.corpus import (
 )
 from rgpt.data.encode import auto_workers, count, encode, processes
 from rgpt.data.npyfile import NpyWriter
-from rgpt.data.tokenizer import UNK_ID, Tokenizer, normalise, shipped_idioms
+from rgpt.data.tokenizer import UNK_ID, Tokenizer, TokenizerBase, normalise, shipped_idioms
 from rgpt.settings import INTERNAL, check
 
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
@@ -250,7 +250,7 @@ def _bar(total_bytes: int, desc: str) -> tqdm:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
 
 
-def prepare(cfg: DataConfig, tok: Tokenizer, block_size: int, log=print) -> tuple[TokenSet, TokenSet]:
+def prepare(cfg: DataConfig, tok: TokenizerBase, block_size: int, log=print) -> tuple[TokenSet, TokenSet]:
     """(train, val) token sets of a stage, tokenized once and then loaded from cfg.cache_dir."""
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")

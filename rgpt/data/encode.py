@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from rgpt.data.tokenizer import Tokenizer
+from rgpt.data.tokenizer import Tokenizer, TokenizerBase, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # characters a task: large enough that sending it costs far less than segmenting it
 AHEAD = 2  # chunks in flight per worker
@@ -61,7 +61,7 @@ def _start(job: dict) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     tok = job.get("tokenizer")
     if isinstance(tok, dict):
-        job["tokenizer"] = Tokenizer.from_dict(tok)
+        job["tokenizer"] = tokenizer_from_dict(tok)
     _job.clear()
     _job.update(job)
 
@@ -106,7 +106,7 @@ def _ordered_map(fn, chunks: Iterable[list], job: dict, workers: int) -> Iterato
         _start(dict(job))
         yield from map(fn, chunks)
         return
-    if isinstance(job.get("tokenizer"), Tokenizer):
+    if isinstance(job.get("tokenizer"), TokenizerBase):
         job = job | {"tokenizer": job["tokenizer"].to_dict()}
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch's threads
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start, initargs=(job | {"quiet": True},))
@@ -139,7 +139,7 @@ def _chars(item) -> int:
 
 
 def encode(
-    items: Iterable[tuple], tok: Tokenizer, learn_everything: bool, workers: int, progress=None
+    items: Iterable[tuple], tok: TokenizerBase, learn_everything: bool, workers: int, progress=None
 ) -> Iterator[tuple[object, np.ndarray, np.ndarray, int, int]]:
     """(tag, ids, mask, learned chars, all chars) of every (tag, item) pair, in order. An item is a
     normalised document (a str, learned whole) or a dialogue's normalised turns (a list of (role, text):

@@ -22,7 +22,7 @@ import torch
 from rgpt.data.batches import Batch, Batcher, collate
 from rgpt.data.corpus import CorpusError, expand_paths, records
 from rgpt.data.dataset import in_val
-from rgpt.data.tokenizer import EOS_ID, Tokenizer, normalise
+from rgpt.data.tokenizer import EOS_ID, TokenizerBase, normalise
 
 KEYS = ("prompt", "conversations", "chosen", "rejected", "kind")
 
@@ -110,7 +110,7 @@ def _sequence(prompt: list[int], reply: list[int]) -> tuple[torch.Tensor, torch.
 
 
 def prepare_pairs(
-    paths, tok: Tokenizer, block_size: int, val_fraction: float, log=print
+    paths, tok: TokenizerBase, block_size: int, val_fraction: float, log=print
 ) -> tuple[PairSet, PairSet]:
     """(train, held-out) pair sets; pairs longer than the window (block_size + 1 tokens) are left out."""
     splits = {"train": ([], []), "val": ([], [])}

@@ -75,7 +75,109 @@ def _segmenter(user_words: tuple[str, ...]) -> jieba.Tokenizer:
     return seg
 
 
-class Tokenizer:
+class TokenizerBase:
+    """What the rest of rgpt calls on a tokenizer, whatever its kind: encode, encode_array, decode, tokens,
+    vocab_size, to_dict (and save, load through load_tokenizer). The six SPECIALS are ids 0..5 in every
+    kind, so the templates below (and rgpt's decoding) are written once.
+
+    Kinds: Tokenizer (jieba words over a vocabulary built from the corpus, vocab.json format
+    rgpt-vocab/1) and rgpt.data.json_tokenizer.JsonTokenizer (a transformers tokenizer.json, imported
+    with its model by `python -m rgpt.hf import`). A checkpoint's vocab.json records which, by its format.
+    """
+
+    tokens: list[str]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int32)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def decode_more(self, ids: list[int], shown: str) -> str:
+        """The text that token ids[-1] adds to `shown`, the decoding of ids[:-1] (a reply streamed token by
+        token). Here pieces join without separators, so it is the last token's piece."""
+        return self.decode(ids[-1:])
+
+    def encode_pretrain(self, text: str) -> list[int]:
+        return [BOS_ID, *self.encode(text), EOS_ID]
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """encode_pretrain() as an int32 array: ``<bos> text <eos>``."""
+        return np.concatenate([[BOS_ID], self.encode_array(text), [EOS_ID]]).astype(np.int32)
+
+    def encode_dialogue(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+        """``<bos> (<user> u | <assistant> a <eos>)*``; mask is True on assistant content and its <eos>."""
+        ids, mask = [BOS_ID], [False]
+        for role, content in turns:
+            body = self.encode(content)
+            if role == "user":
+                ids += [USER_ID, *body]
+                mask += [False] * (1 + len(body))
+            elif role == "assistant":
+                ids += [ASSISTANT_ID, *body, EOS_ID]
+                mask += [False] + [True] * (len(body) + 1)
+            else:
+                raise ValueError(f"unknown role {role!r}; expected 'user' or 'assistant'")
+        return ids, mask
+
+    def encode_prompt(self, turns: list[tuple[str, str]]) -> list[int]:
+        """The dialogue template for a history ending with the user's turn, then <assistant> as the cue."""
+        if not turns or turns[-1][0] != "user":
+            raise ValueError("a prompt's last turn must be the user's")
+        return self.encode_dialogue(turns)[0] + [ASSISTANT_ID]
+
+    def unk_rate(self, texts: Iterable[str]) -> float:
+        """Fraction of tokens that are <unk> over ``texts`` (0.0 for no tokens)."""
+        n = n_unk = 0
+        for text in texts:
+            ids = self.encode(text)
+            n += len(ids)
+            n_unk += ids.count(UNK_ID)
+        return n_unk / n if n else 0.0
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the ids: part of every data-cache key."""
+        return hashlib.sha256(
+            json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True).encode()
+        ).hexdigest()
+
+    def save(self, path) -> None:
+        """Write vocab.json (to ``path``, or into it if it is a directory), atomically."""
+        path = Path(path)
+        path = path / "vocab.json" if path.is_dir() else path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def tokenizer_from_dict(d: dict, where="vocabulary") -> TokenizerBase:
+    """The tokenizer of either kind that a to_dict() describes, by its format."""
+    from rgpt.data.json_tokenizer import FORMAT, JsonTokenizer  # imported here: it needs `tokenizers`
+
+    if d.get("format") == FORMAT:
+        return JsonTokenizer.from_dict(d, where)
+    return Tokenizer.from_dict(d, where)
+
+
+def load_tokenizer(path) -> TokenizerBase:
+    """A saved vocab.json (``path``, or the one inside it), of either kind."""
+    path = Path(path)
+    path = path / "vocab.json" if path.is_dir() else path
+    return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")), path)
+
+
+class Tokenizer(TokenizerBase):
     """Vocabulary (id ↔ piece) plus the jieba settings that produce the pieces."""
 
     def __init__(
@@ -142,10 +244,6 @@ class Tokenizer:
         kept_words = [w for w in by_freq(words) if words[w] >= min_freq][: room - len(kept_chars)]
         return cls(list(SPECIALS) + kept_chars + kept_words, hmm, min_freq, max_size, user_words)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokens)
-
     def _piece_ids(self, piece: str) -> tuple[int, ...]:
         ids = self._piece_cache.get(piece)
         if ids is None:
@@ -188,43 +286,6 @@ class Tokenizer:
             out.append(self.tokens[i])
         return "".join(out)
 
-    def encode_pretrain(self, text: str) -> list[int]:
-        return [BOS_ID, *self.encode(text), EOS_ID]
-
-    def encode_document(self, text: str) -> np.ndarray:
-        """encode_pretrain() as an int32 array: ``<bos> text <eos>``."""
-        return np.concatenate([[BOS_ID], self.encode_array(text), [EOS_ID]]).astype(np.int32)
-
-    def encode_dialogue(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-        """``<bos> (<user> u | <assistant> a <eos>)*``; mask is True on assistant content and its <eos>."""
-        ids, mask = [BOS_ID], [False]
-        for role, content in turns:
-            body = self.encode(content)
-            if role == "user":
-                ids += [USER_ID, *body]
-                mask += [False] * (1 + len(body))
-            elif role == "assistant":
-                ids += [ASSISTANT_ID, *body, EOS_ID]
-                mask += [False] + [True] * (len(body) + 1)
-            else:
-                raise ValueError(f"unknown role {role!r}; expected 'user' or 'assistant'")
-        return ids, mask
-
-    def encode_prompt(self, turns: list[tuple[str, str]]) -> list[int]:
-        """The dialogue template for a history ending with the user's turn, then <assistant> as the cue."""
-        if not turns or turns[-1][0] != "user":
-            raise ValueError("a prompt's last turn must be the user's")
-        return self.encode_dialogue(turns)[0] + [ASSISTANT_ID]
-
-    def unk_rate(self, texts: Iterable[str]) -> float:
-        """Fraction of tokens that are <unk> over ``texts`` (0.0 for no tokens)."""
-        n = n_unk = 0
-        for text in texts:
-            ids = self.encode(text)
-            n += len(ids)
-            n_unk += ids.count(UNK_ID)
-        return n_unk / n if n else 0.0
-
     def to_dict(self) -> dict:
         return {
             "format": VOCAB_FORMAT,
@@ -237,21 +298,6 @@ class Tokenizer:
             "user_words": list(self.user_words),
             "tokens": self.tokens,
         }
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """sha256 of everything that decides the ids: part of every data-cache key."""
-        return hashlib.sha256(
-            json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True).encode()
-        ).hexdigest()
-
-    def save(self, path) -> None:
-        """Write vocab.json (to ``path``, or into it if it is a directory), atomically."""
-        path = Path(path)
-        path = path / "vocab.json" if path.is_dir() else path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

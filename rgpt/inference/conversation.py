@@ -113,8 +113,8 @@ def prompt_budget(context_tokens: int, max_new_tokens: int) -> int:
 
 
 class ReplyText:
-    """A reply's text as its tokens arrive. add() returns the text that is new and final: each token's
-    piece whole (decoding joins pieces, so the text grows by exactly that piece), except that text ending
+    """A reply's text as its tokens arrive. add() returns the text that is new and final: what each token adds
+    (tok.decode_more: a jieba token's piece whole, since decoding joins pieces), except that text ending
     in the start of a stop string is held back until it is known not to be one. At a stop string the
     reply ends, the stop string cut off."""
 
@@ -123,12 +123,14 @@ class ReplyText:
         self.longest = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
+        self.decoded = ""  # the tokens' text so far; self.text is cut at a stop string
 
     def add(self, token: int) -> str:
         if self.stopped:  # the reply has ended: later tokens are not part of it
             return ""
         self.ids.append(token)
-        piece = self.tok.decode([token])
+        piece = self.tok.decode_more(self.ids, self.decoded)
+        self.decoded += piece
         self.text += piece
         # Only the tail a new piece can complete is searched: a stop string found now ends in the piece, so
         # it starts in the last len(longest) + len(piece) characters (and not before `sent`). A token then

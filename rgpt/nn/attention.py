@@ -11,10 +11,13 @@ from rgpt.nn.layers import Layer, Linear
 
 
 class KVCache:
-    """Keys and values of every position decoded so far, for one layer: (B, H, T_max, D) each."""
+    """Keys and values of every position decoded so far, for one layer: (B, Hkv, T_max, D) each.
 
-    def __init__(self, batch, n_head, max_len, head_size, *, device, dtype):
-        self.k = torch.zeros(batch, n_head, max_len, head_size, device=device, dtype=dtype)
+    Hkv = n_kv_head: grouped-query attention keeps n_head / n_kv_head times fewer keys and values.
+    """
+
+    def __init__(self, batch, n_kv_head, max_len, head_size, *, device, dtype):
+        self.k = torch.zeros(batch, n_kv_head, max_len, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0  # positions [0, length) are filled
 
@@ -44,6 +47,20 @@ class Rotary:
         sin = -sin if inverse else sin
         x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+def repeat_kv(x, group):  # x: (B, Hkv, T, D) -> (B, Hkv * group, T, D), each kv head serving `group` q heads
+    if group == 1:
+        return x
+    B, Hkv, T, D = x.shape
+    return x[:, :, None].expand(B, Hkv, group, T, D).reshape(B, Hkv * group, T, D)
+
+
+def sum_groups(dx, group):  # the backward of repeat_kv: (B, H, T, D) -> (B, H / group, T, D)
+    if group == 1:
+        return dx
+    B, H, T, D = dx.shape
+    return dx.view(B, H // group, group, T, D).sum(2)
 
 
 class StandardCore:
@@ -86,22 +103,42 @@ class StandardCore:
 class CausalSelfAttention(Layer):
     """softmax(Q K^T / sqrt(D) + mask) V over H heads, then an output projection.
 
+    n_kv_head: grouped-query attention, Hkv = n_kv_head key/value heads each shared by H / Hkv query heads
+    (H / Hkv = 1 is ordinary multi-head attention). c_attn yields [q (H*D) | k (Hkv*D) | v (Hkv*D)].
     rope: rotate q and k by their positions (Rotary) instead of adding positions to the input.
     flash: the tiled core of rgpt/flash.py, which never holds the (T, T) weights; decoding with a KV cache
     always takes the plain product below (one query row at a time has no (T, T) matrix to avoid).
     """
 
-    def __init__(self, n_embd, n_head, block_size, *, std, proj_std, device, dtype, rope=False, flash=False):
+    def __init__(
+        self,
+        n_embd,
+        n_head,
+        block_size,
+        *,
+        std,
+        proj_std,
+        device,
+        dtype,
+        rope=False,
+        flash=False,
+        n_kv_head=None,
+        bias=True,
+    ):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.n_head = n_head
-        self.c_attn = Linear(n_embd, 3 * n_embd, std=std, device=device, dtype=dtype)  # [q | k | v]
-        self.c_proj = Linear(n_embd, n_embd, std=proj_std, device=device, dtype=dtype)
+        n_kv_head = n_kv_head or n_head
+        if n_embd % n_head != 0 or n_head % n_kv_head != 0:
+            raise ValueError(
+                f"n_head ({n_head}) must divide n_embd ({n_embd}), n_kv_head ({n_kv_head}) n_head"
+            )
+        self.n_head, self.n_kv_head, self.head_size = n_head, n_kv_head, n_embd // n_head
+        n_qkv = n_embd + 2 * n_kv_head * self.head_size  # [q | k | v]
+        kw = dict(device=device, dtype=dtype, bias=bias)
+        self.c_attn = Linear(n_embd, n_qkv, std=std, **kw)
+        self.c_proj = Linear(n_embd, n_embd, std=proj_std, **kw)
         # True above the diagonal: position t may not look at s > t
         self.future = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
-        head_size = n_embd // n_head
-        self.rotary = Rotary(head_size, block_size, device=device, dtype=dtype) if rope else None
+        self.rotary = Rotary(self.head_size, block_size, device=device, dtype=dtype) if rope else None
         if flash:
             from rgpt.nn.flash import FlashCore  # imported here: only flash models need it
 
@@ -112,10 +149,11 @@ class CausalSelfAttention(Layer):
     def sublayers(self):
         return {"c_attn": self.c_attn, "c_proj": self.c_proj}
 
-    def _heads(self, qkv):  # (B, T, 3C) -> three (B, H, T, D)
-        B, T, C3 = qkv.shape
-        qkv = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head))
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+    def _heads(self, qkv):  # (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k and v (B, Hkv, T, D)
+        B, T, _ = qkv.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_size
+        qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        return qkv.split((H, Hkv, Hkv), dim=1)
 
     def _rotate(self, q, k, start=0, inverse=False):
         if self.rotary is None:
@@ -125,9 +163,10 @@ class CausalSelfAttention(Layer):
     def forward(self, x, key_padding_mask=None):
         """x: (B, T, C); key_padding_mask: optional (B, T) bool, True where the key is padding."""
         B, T, C = x.shape
-        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D), (B, Hkv, T, D) twice
         q, k = self._rotate(q, k)
-        y = self.core.forward(q, k, v, key_padding_mask)  # (B, H, T, D)
+        group = self.n_head // self.n_kv_head
+        y = self.core.forward(q, repeat_kv(k, group), repeat_kv(v, group), key_padding_mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj.forward(y)
 
@@ -142,9 +181,11 @@ class CausalSelfAttention(Layer):
         H = self.n_head
         dy = self.c_proj.backward(dout).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
         dq, dk, dv = self.core.backward(dy)
+        group = H // self.n_kv_head  # k = repeat_kv(k_kv): the shared head's gradient sums over its group
+        dk, dv = sum_groups(dk, group), sum_groups(dv, group)  # (B, Hkv, T, D)
         dq, dk = self._rotate(dq, dk, inverse=True)  # q' = R q: dq = R^T dq'
-        dqkv = torch.stack((dq, dk, dv.to(dq.dtype)), dim=0)  # (3, B, H, T, D)
-        dqkv = dqkv.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # (B, T, 3C), inverse of _heads
+        dqkv = torch.cat((dq, dk.to(dq.dtype), dv.to(dq.dtype)), dim=1)  # (B, H + 2 Hkv, T, D)
+        dqkv = dqkv.transpose(1, 2).reshape(B, T, -1)  # (B, T, (H + 2 Hkv) D), inverse of _heads
         return self.c_attn.backward(dqkv)
 
     def forward_cached(self, x, cache: KVCache):
@@ -155,15 +196,20 @@ class CausalSelfAttention(Layer):
         """
         B, T, C = x.shape
         start = cache.length
-        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D) each
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, T, D), (B, Hkv, T, D) twice
         q, k = self._rotate(q, k, start)  # the cache holds keys already rotated by their own positions
         low, wide = q.dtype, cache.k.dtype  # compute dtype (bfloat16 under mixed precision), cache dtype
         cache.k[:, :, start : start + T] = k
         cache.v[:, :, start : start + T] = v
         cache.length = end = start + T
-        scores = torch.matmul(q.to(wide), cache.k[:, :, :end].transpose(-2, -1)).to(low).to(wide)
+        group = self.n_head // self.n_kv_head
+        k_all, v_all = (
+            repeat_kv(cache.k[:, :, :end], group),
+            repeat_kv(cache.v[:, :, :end], group),
+        )  # (B, H, end, D)
+        scores = torch.matmul(q.to(wide), k_all.transpose(-2, -1)).to(low).to(wide)
         scores.mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, end)
         scores.masked_fill_(self.future[start:end, :end], float("-inf"))  # new rows of the causal mask
         att = torch.softmax(scores, dim=-1).to(low).to(wide)
-        y = torch.matmul(att, cache.v[:, :, :end]).to(low)  # (B, H, T, D)
+        y = torch.matmul(att, v_all).to(low)  # (B, H, T, D)
         return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))

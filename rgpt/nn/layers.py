@@ -123,10 +123,11 @@ class TiedHead(Linear):
 
     tied = {"weight": "wte.weight"}  # parameter key -> the name of the parameter it shares
 
-    def __init__(self, n_embd, n_vocab, *, device, dtype):
+    def __init__(self, n_embd, n_vocab, *, device, dtype, bias=True):
         Layer.__init__(self)
         self.scale = 1.0 / math.sqrt(n_embd)
-        self.add_param("bias", torch.zeros(n_vocab, device=device, dtype=dtype))
+        if bias:
+            self.add_param("bias", torch.zeros(n_vocab, device=device, dtype=dtype))
 
     def forward(self, x):  # x: (..., C)
         return super().forward(x * self.scale)
@@ -267,13 +268,13 @@ class MLP(Layer):
     silu(g) = g * sigmoid(g), at the width swiglu_hidden(n_hidden).
     """
 
-    def __init__(self, n_embd, n_hidden, *, activation, std, proj_std, device, dtype):
+    def __init__(self, n_embd, n_hidden, *, activation, std, proj_std, device, dtype, bias=True):
         super().__init__()
         self.activation = activation
         width = swiglu_hidden(n_hidden) if activation == "swiglu" else n_hidden
         n_fc = 2 * width if activation == "swiglu" else width
-        self.c_fc = Linear(n_embd, n_fc, std=std, device=device, dtype=dtype)
-        self.c_proj = Linear(width, n_embd, std=proj_std, device=device, dtype=dtype)
+        self.c_fc = Linear(n_embd, n_fc, std=std, device=device, dtype=dtype, bias=bias)
+        self.c_proj = Linear(width, n_embd, std=proj_std, device=device, dtype=dtype, bias=bias)
         self._act, self._dact = ACTIVATIONS[activation]
 
     def sublayers(self):

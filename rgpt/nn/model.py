@@ -38,6 +38,9 @@ class GPTConfig:
     )  # set from the tokenizer at start-up, never in a config
     n_embd: int = 512  # width of the residual stream (the reference's documented model)
     n_head: int = 8  # attention heads; n_embd / n_head is the head size
+    # key/value heads (grouped-query attention), each shared by n_head / n_kv_head query heads; 0 means
+    # n_head (ordinary multi-head attention, the reference's); the KV cache shrinks by n_head / n_kv_head
+    n_kv_head: int = 0
     n_layer: int = 4  # transformer blocks
     n_hidden: int = 1024  # feed-forward width (swiglu uses 2/3 of it, keeping the parameter count)
     block_size: int = 256  # context window in tokens
@@ -47,6 +50,14 @@ class GPTConfig:
     pos: str = "sinusoidal"  # sinusoidal as in the reference; rope
     tie_embeddings: bool = False  # lm_head shares wte's weight (rgpt.nn.layers.TiedHead)
     attn: str = "standard"  # standard; flash computes the same in tiles, in O(T) memory
+    bias: bool = (
+        True  # biases in every Linear (attention, feed-forward, lm_head) as in the reference; Llama has none
+    )
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads: n_kv_head, or n_head where it is 0."""
+        return self.n_kv_head or self.n_head
 
     def to_dict(self):
         return asdict(self)
@@ -70,6 +81,11 @@ class GPTConfig:
         for key in ("n_embd", "n_head", "n_layer", "n_hidden", "block_size"):
             check(getattr(self, key) >= 1, key, "must be a positive integer")
         check(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
+        check(
+            self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
+            "n_kv_head",
+            f"must divide n_head={self.n_head} (0: the same as n_head)",
+        )
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         for key, choices in CHOICES.items():
             check(getattr(self, key) in choices, key, f"must be one of {', '.join(choices)}")
@@ -97,11 +113,21 @@ class Block:
             proj_std=proj_std,
             rope=cfg.pos == "rope",
             flash=cfg.attn == "flash",
+            n_kv_head=cfg.kv_heads,
+            bias=cfg.bias,
             **kw,
         )
         self.drop_1 = Dropout(cfg.dropout, generator)
         self.ln_2 = Norm(cfg.n_embd, **kw)
-        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, activation=cfg.activation, std=std, proj_std=proj_std, **kw)
+        self.mlp = MLP(
+            cfg.n_embd,
+            cfg.n_hidden,
+            activation=cfg.activation,
+            std=std,
+            proj_std=proj_std,
+            bias=cfg.bias,
+            **kw,
+        )
         self.drop_2 = Dropout(cfg.dropout, generator)
 
     def sublayers(self):
@@ -147,9 +173,9 @@ class GPT:
         self.h = [Block(cfg, self.generator, **kw) for _ in range(cfg.n_layer)]
         self.ln_f = NORMS[cfg.norm](cfg.n_embd, **kw)
         if cfg.tie_embeddings:
-            self.lm_head = TiedHead(cfg.n_embd, cfg.vocab_size, **kw)
+            self.lm_head = TiedHead(cfg.n_embd, cfg.vocab_size, bias=cfg.bias, **kw)
         else:
-            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, **kw)
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, std=0.02, bias=cfg.bias, **kw)
         self.criterion = CrossEntropy()
         self._bind_params()
         self.training = True
@@ -274,7 +300,7 @@ class GPT:
         return [
             KVCache(
                 batch,
-                cfg.n_head,
+                cfg.kv_heads,
                 max_len,
                 cfg.n_embd // cfg.n_head,
                 device=self.device,

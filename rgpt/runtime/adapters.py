@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rgpt.data.tokenizer import Tokenizer
+from rgpt.data.tokenizer import load_tokenizer
 from rgpt.nn.lora import FORMAT, Adapters, LoRASettings
 from rgpt.nn.model import GPT, GPTConfig
 from rgpt.runtime import checkpoint as ckpt
@@ -62,4 +62,4 @@ def merge_checkpoint(path, out=None) -> Path:
         "lora_base": meta["lora_base"],
         "lora": asdict(lora_cfg),
     }
-    return ckpt.save(out, "final", meta["step"], model, Tokenizer.load(path / ckpt.VOCAB), state)
+    return ckpt.save(out, "final", meta["step"], model, load_tokenizer(path / ckpt.VOCAB), state)

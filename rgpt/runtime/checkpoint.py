@@ -225,7 +225,7 @@ def model_config(meta: dict, path):
 
 def load_model(path, device="cpu", dtype=torch.float32):
     """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference."""
-    from rgpt.data.tokenizer import Tokenizer
+    from rgpt.data.tokenizer import load_tokenizer
     from rgpt.nn.model import GPT  # imported here: the model does not depend on checkpoints
 
     path = Path(path)
@@ -237,7 +237,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
     model = GPT(model_config(meta, path), device=device, dtype=dtype)
     load_weights(model, path)
     model.eval()
-    return model, Tokenizer.load(path / VOCAB), meta
+    return model, load_tokenizer(path / VOCAB), meta
 
 
 def default_for_inference(out_dir, warn=print) -> Path | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rgpt.data.tokenizer import Tokenizer
+from rgpt.data.tokenizer import TokenizerBase
 from rgpt.nn.model import GPT
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.training.distributed import Dist
@@ -23,7 +23,7 @@ class Context:
 
     cfg: object  # rgpt.training.settings.RunConfig
     model: GPT
-    tok: Tokenizer
+    tok: TokenizerBase
     device: torch.device
     dist: Dist
     log: object  # print-like; silent on ranks other than 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rgpt.data import build_tokenizer
-from rgpt.data.tokenizer import Tokenizer
+from rgpt.data.tokenizer import TokenizerBase, load_tokenizer
 from rgpt.nn.model import GPT, GPTConfig
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.runtime.checkpoint import CheckpointError
@@ -23,7 +23,7 @@ from rgpt.training.settings import RunConfig
 @dataclass
 class Start:
     model: GPT
-    tokenizer: Tokenizer
+    tokenizer: TokenizerBase
     source: Path | None  # checkpoint the weights came from, if any
     state: dict | None  # its state.json when this is an exact resume of the same stage, else None
 
@@ -50,7 +50,7 @@ def _from_checkpoint(cfg: RunConfig, path: Path, device, dtype, exact: bool, log
     arch = dataclasses.replace(saved, dropout=cfg.model.dropout)  # regularisation is the run's choice
     model = GPT(arch, device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg))
     ckpt.load_weights(model, ckpt.weights_of(meta, path))  # an adapters-only checkpoint: its base model's
-    tok = Tokenizer.load(path / ckpt.VOCAB)
+    tok = load_tokenizer(path / ckpt.VOCAB)
     if exact and ckpt.OPTIM not in meta["files"]:
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be resumed exactly")
     return Start(model, tok, path, meta if exact else None)

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from rgpt.data.tokenizer import TokenizerBase
 from rgpt.inference.api import Service, create_app
 from rgpt.inference.conversation import Conversation, ReplyText, prompt_budget
 from rgpt.inference.generate import DecodeConfig
@@ -196,7 +197,7 @@ def test_stop_strings_are_few_and_short_and_cost_little(guarded):
     assert four < 3 * none + 0.3, (none, four)
 
 
-class Pieces:
+class Pieces(TokenizerBase):
     """A tokenizer whose ids are pieces of text of one to three characters from a small alphabet."""
 
     def __init__(self, rng):

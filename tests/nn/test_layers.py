@@ -370,3 +370,53 @@ def test_flash_never_allocates_the_full_score_matrix():
         torch.matmul = real_matmul
     assert max(sizes) <= B * H * 64 * max(64, D), f"a product of {max(sizes)} elements: not tiled"
     assert max(sizes) < B * H * T * T / 50
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["standard", "flash"])
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_query_attention_matches_autograd(flash, n_kv_head, padded, small_tiles):
+    """n_kv_head key/value heads shared by groups of query heads, written the plain way (each copied for its
+    group) in the reference; forward also against SDPA's own grouped-query path, backward by autograd."""
+    B, T, C, H = 3, 7, 16, 4
+    D, Hkv = C // H, n_kv_head
+    attn = CausalSelfAttention(C, H, 16, std=0.5, proj_std=0.5, flash=flash, n_kv_head=Hkv, rope=True, **KW)
+    randomise(attn)
+    assert attn.c_attn.params["weight"].shape == (C + 2 * Hkv * D, C)
+    x, dy = torch.randn(B, T, C, dtype=DT), torch.randn(B, T, C, dtype=DT)
+    kpm = torch.zeros(B, T, dtype=torch.bool) if padded else None
+    if padded:
+        kpm[1, :3], kpm[2, 5:] = True, True
+
+    def ref(x, wa, ba, wp, bp):
+        q, k, v = F.linear(x, wa, ba).split((C, Hkv * D, Hkv * D), dim=2)
+        q = rope(q.view(B, T, H, D).transpose(1, 2))
+        k = rope(k.view(B, T, Hkv, D).transpose(1, 2)).repeat_interleave(H // Hkv, 1)
+        v = v.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        if kpm is not None:
+            mask = mask | kpm[:, None, None, :]
+        att = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(mask, float("-inf")).softmax(-1)
+        att = torch.where(torch.isnan(att), torch.zeros_like(att), att)
+        return F.linear((att @ v).transpose(1, 2).reshape(B, T, C), wp, bp)
+
+    a, p = attn.c_attn.params, attn.c_proj.params
+    inputs = [x, a["weight"], a["bias"], p["weight"], p["bias"]]
+    y = attn.forward(x, key_padding_mask=kpm)
+    assert_close(y, ref(*inputs), f"GQA forward ({n_kv_head} kv heads)")
+    if not padded:
+        q, k, v = F.linear(x, a["weight"], a["bias"]).split((C, Hkv * D, Hkv * D), 2)
+        q = rope(q.view(B, T, H, D).transpose(1, 2))
+        k = rope(k.view(B, T, Hkv, D).transpose(1, 2))
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert_close(
+            y, F.linear(sdpa.transpose(1, 2).reshape(B, T, C), p["weight"], p["bias"]), "GQA vs SDPA"
+        )
+    dx = attn.backward(dy)
+    _, (rdx, rwa, rba, rwp, rbp) = autograd_grads(ref, inputs, dy)
+    assert_close(dx, rdx, "GQA dx")
+    assert_close(attn.c_attn.grads["weight"], rwa, "GQA c_attn dW (the k and v rows sum over their groups)")
+    assert_close(attn.c_attn.grads["bias"], rba, "GQA c_attn db")
+    assert_close(attn.c_proj.grads["weight"], rwp, "GQA c_proj dW")
+    assert_close(attn.c_proj.grads["bias"], rbp, "GQA c_proj db")

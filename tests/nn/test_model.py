@@ -26,12 +26,17 @@ OPTIONS = {
     "rope": {"pos": "rope"},
     "tied": {"tie_embeddings": True},
     "flash": {"attn": "flash"},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1, "attn": "flash"},
+    "nobias": {"bias": False},
     "all": {
         "activation": "swiglu",
         "norm": "rmsnorm",
         "pos": "rope",
         "tie_embeddings": True,
         "attn": "flash",
+        "n_kv_head": 2,
+        "bias": False,
     },
 }
 
@@ -237,8 +242,9 @@ def test_training_step_needs_no_autograd(monkeypatch):
         torch.set_grad_enabled(prev)
 
 
-def test_kv_cache_matches_full_recomputation():
-    model = make_model()
+@pytest.mark.parametrize("option", OPTIONS)
+def test_kv_cache_matches_full_recomputation(option):
+    model = make_model(**OPTIONS[option])
     model.eval()
     idx = torch.randint(0, 23, (2, 11))
     full = model.forward(idx)
@@ -246,7 +252,9 @@ def test_kv_cache_matches_full_recomputation():
     got = [model.forward_cached(idx[:, :5], caches)]  # prefill in one pass
     for t in range(5, 11):  # then one token at a time
         got.append(model.forward_cached(idx[:, t : t + 1], caches))
-    assert_close(torch.cat(got, dim=1), full, "cached logits vs full forward")
+    assert_close(torch.cat(got, dim=1), full, f"cached logits vs full forward ({option})")
+    kv_heads = model.config.n_kv_head or model.config.n_head
+    assert caches[0].k.shape[1] == kv_heads, f"the cache holds {caches[0].k.shape[1]} heads, not {kv_heads}"
     with pytest.raises(ValueError, match="overflow"):
         model.forward_cached(idx[:, :2], caches)
 
@@ -274,3 +282,20 @@ def test_kv_cache_last_only_logits():
     last = model.forward_cached(idx, model.new_kv_caches(batch=2), last_only=True)
     assert last.shape == (2, 1, 23)
     assert_close(last[:, 0], full[:, -1], "last-position logits of a prefill")
+
+
+def test_a_checkpoint_that_predates_n_kv_head_and_bias_builds_todays_model():
+    old = tiny_config().to_dict()
+    del old["n_kv_head"], old["bias"]
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.n_kv_head, cfg.kv_heads, cfg.bias) == (0, 4, True)
+    model = GPT(cfg)
+    assert model.params["h.0.attn.c_attn.weight"].shape == (3 * 16, 16), "q, k and v of 4 heads each"
+    assert "h.0.attn.c_attn.bias" in model.params and "lm_head.bias" in model.params
+
+
+def test_no_bias_means_no_bias_parameters_anywhere():
+    model = GPT(tiny_config(bias=False, tie_embeddings=True))
+    assert not [
+        n for n in model.params if n.endswith(".bias") and ".ln_" not in n and not n.startswith("ln_f")
+    ]

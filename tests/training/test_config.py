@@ -109,6 +109,9 @@ def test_command_line_values_are_coerced_to_the_declared_types():
         ("model.attn=sparse", "model.attn"),
         ("model.tie_embeddings=maybe", "model.tie_embeddings"),
         ("model.n_head=5", "model.n_head"),
+        ("model.n_kv_head=3", "model.n_kv_head"),  # 8 query heads cannot share 3 key/value heads evenly
+        ("model.n_kv_head=-1", "model.n_kv_head"),
+        ("model.bias=sometimes", "model.bias"),
         ("+model.vocab_size=100", "model.vocab_size"),
         ("+model.name=base", "model.name"),
         ("model=tiny model.pos=rope model.n_head=32", "model.pos"),  # head size 1: no pairs to rotate
@@ -147,9 +150,12 @@ def test_every_architecture_option_is_settable_from_the_command_line():
         "model.activation=swiglu",
         "model.tie_embeddings=true",
         "model.attn=flash",
+        "model.n_kv_head=2",
+        "model.bias=false",
     )
     assert (run.model.pos, run.model.norm, run.model.activation) == ("rope", "rmsnorm", "swiglu")
     assert run.model.tie_embeddings is True and run.model.attn == "flash"
+    assert run.model.n_kv_head == 2 and run.model.bias is False
 
 
 def test_unknown_stage_in_a_dict_is_refused():
