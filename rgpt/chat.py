@@ -31,13 +31,11 @@ TEXT_KEYS = ("prompt", "checkpoint", "out_dir")
 @dataclass
 class ChatConfig:
     model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
-    prompt: str | None = (
-        None  # a question: answer it, print only the reply and exit; None: interactive, or stdin lines
-    )
+    # a question: answer it, print only the reply and exit; None: interactive, or stdin lines
+    prompt: str | None = None
     reply: ReplySettings = field(default_factory=ReplySettings, metadata=FLAT)  # method=, temperature=, ...
-    runtime: RuntimeSettings = field(
-        default_factory=RuntimeSettings, metadata=FLAT
-    )  # device, threads, allocator
+    # device, threads, allocator
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata=FLAT)
 
     def validate(self) -> "ChatConfig":
         if self.prompt is not None and not self.prompt.strip():

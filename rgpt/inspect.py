@@ -36,19 +36,16 @@ class InspectConfig:
     # prompt: chat's <bos><user> text <assistant>; plain: pretraining's <bos> text; auto: prompt for an sft
     # checkpoint, else plain
     template: str = "auto"
-    out: str = (
-        "inspect.html"  # the page to write (attention of every layer x head, per-head summary, logit lens)
-    )
+    # the page to write (attention of every layer x head, per-head summary, logit lens)
+    out: str = "inspect.html"
     png: str | None = None  # also a PNG of one head here (e.g. png=head.png); None: the page only
     layer: int = 0  # the PNG's layer (0 = the first block)
     head: int = 0  # the PNG's head within that layer
-    top_k: int = (
-        5  # logit lens: how many likeliest tokens each cell lists on hover (the cell shows the first)
-    )
+    # logit lens: how many likeliest tokens each cell lists on hover (the cell shows the first)
+    top_k: int = 5
     font: str | None = None  # the PNG's font file; None: the system's CJK font (Noto CJK, WenQuanYi, ...)
-    runtime: RuntimeSettings = field(
-        default_factory=RuntimeSettings, metadata=FLAT
-    )  # device, threads, allocator
+    # device, threads, allocator
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata=FLAT)
 
     def validate(self) -> "InspectConfig":
         for key in ("layer", "head"):

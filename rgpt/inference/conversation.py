@@ -28,9 +28,8 @@ class ReplySettings:
     """How replies are made, shared by chat and serve (and eval's decoding): a request or /set changes them."""
 
     decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=FLAT)  # method=, temperature=, ...
-    context_tokens: int | None = (
-        None  # tokens of prompt + reply kept for the conversation; None: the model's window
-    )
+    # tokens of prompt + reply kept for the conversation; None: the model's window
+    context_tokens: int | None = None
 
     def validate(self) -> "ReplySettings":
         ctx = self.context_tokens

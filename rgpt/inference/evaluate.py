@@ -44,15 +44,12 @@ class EvalConfig:
     data: EvalData = field(default_factory=EvalData)
     # lm: loss, perplexity, bits/char, <unk> rate; sft: also greedy replies scored by exact match and char F1
     task: str = "lm"
-    batch_size: int = (
-        16  # windows per forward pass; 16 x 256 tokens x 10k vocab of logits is ~160 MB in float32
-    )
-    decode: DecodeConfig = field(
-        default_factory=DecodeConfig, metadata=FLAT
-    )  # how task=sft makes its replies
-    runtime: RuntimeSettings = field(
-        default_factory=RuntimeSettings, metadata=FLAT
-    )  # device, threads, allocator
+    # windows per forward pass; 16 x 256 tokens x 10k vocab of logits is ~160 MB in float32
+    batch_size: int = 16
+    # how task=sft makes its replies
+    decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=FLAT)
+    # device, threads, allocator
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata=FLAT)
 
     @property
     def data_path(self) -> str:

@@ -32,9 +32,8 @@ class DecodeConfig:
     # distribution; below MIN_TEMPERATURE (0 included) it decodes greedily
     temperature: float = 1.0
     top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
-    top_p: float = (
-        1.0  # sample: keep the smallest most-likely set with mass >= top_p (0.9 is common; 1.0 = all)
-    )
+    # sample: keep the smallest most-likely set with mass >= top_p (0.9 is common; 1.0 = all)
+    top_p: float = 1.0
     # > 1 discourages tokens already generated in this reply (CTRL rule; 1.1-1.3 breaks loops); 1.0 is off,
     # so trained answers stay exact
     repetition_penalty: float = 1.0
@@ -42,13 +41,11 @@ class DecodeConfig:
     # beam: a finished hypothesis scores logprob / length**length_penalty; 1.0 is the per-token average, 0
     # favours short replies
     length_penalty: float = 1.0
-    max_new_tokens: int = (
-        100  # longest reply in tokens (about 150 characters); the reference's cap of 20 cut answers off
-    )
+    # longest reply in tokens (about 150 characters); the reference's cap of 20 cut answers off
+    max_new_tokens: int = 100
     min_new_tokens: int = 1  # the end of the turn is not allowed before this many tokens: no empty reply
-    seed: int | None = (
-        None  # sample: seeds a private generator, so a run is reproducible; None draws fresh ones
-    )
+    # sample: seeds a private generator, so a run is reproducible; None draws fresh ones
+    seed: int | None = None
 
     def check(self) -> "DecodeConfig":
         """Raise ValueError naming the first bad field; return self."""

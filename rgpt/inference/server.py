@@ -46,27 +46,23 @@ class ServeConfig:
     cors_origins: list = field(default_factory=list)
     # the model's id in /v1/models and in requests; None: rgpt-<stage>-<run>-<checkpoint>, the same on every restart
     model_name: str | None = None
-    max_active: int = (
-        32  # replies decoded together, a token each in turn: all start early; more wait in the queue
-    )
+    # replies decoded together, a token each in turn: all start early; more wait in the queue
+    max_active: int = 32
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
-    max_request_bytes: int = (
-        262144  # a larger body is refused with 413 (256 KiB: far more text than the window)
-    )
+    # a larger body is refused with 413 (256 KiB: far more text than the window)
+    max_request_bytes: int = 262144
     # open connections (and requests) at once; more are answered 503 (uvicorn's limit_concurrency): bounds what
     # a flood of clients takes
     max_connections: int = 256
     # seconds a request's head and body may take to arrive; a slower client is disconnected, so a trickle of
     # bytes cannot hold a connection
     request_timeout: float = 10.0
-    reply: ReplySettings = field(
-        default_factory=ReplySettings, metadata=FLAT
-    )  # method=, ..., context_tokens=
-    runtime: RuntimeSettings = field(
-        default_factory=RuntimeSettings, metadata=FLAT
-    )  # device, threads, allocator
+    # method=, ..., context_tokens=
+    reply: ReplySettings = field(default_factory=ReplySettings, metadata=FLAT)
+    # device, threads, allocator
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata=FLAT)
 
     @property
     def decode(self) -> DecodeConfig:

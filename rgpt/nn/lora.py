@@ -28,9 +28,8 @@ class LoRASettings:
 
     r: int = 8  # rank of the adapters: 8 is the common default, ~0.5% of model=base's parameters
     alpha: float = 16.0  # the update's scale is alpha/r = 2, as in the common r=8, alpha=16 setting
-    dropout: float = (
-        0.0  # dropout on the adapters' input; the built-in dialogues are memorised, not generalised
-    )
+    # dropout on the adapters' input; the built-in dialogues are memorised, not generalised
+    dropout: float = 0.0
     # projections that get adapters (also mlp.c_fc, mlp.c_proj): the attention's q/k/v and output, as in the paper
     targets: list = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
 

@@ -33,9 +33,8 @@ class GPTConfig:
     record them, and loading one builds the architecture it records (a key it predates takes the default).
     """
 
-    vocab_size: int = field(
-        default=0, metadata=INTERNAL
-    )  # set from the tokenizer at start-up, never in a config
+    # set from the tokenizer at start-up, never in a config
+    vocab_size: int = field(default=0, metadata=INTERNAL)
     n_embd: int = 512  # width of the residual stream (the reference's documented model)
     n_head: int = 8  # attention heads; n_embd / n_head is the head size
     # key/value heads (grouped-query attention), each shared by n_head / n_kv_head query heads; 0 means
@@ -50,9 +49,8 @@ class GPTConfig:
     pos: str = "sinusoidal"  # sinusoidal as in the reference; rope
     tie_embeddings: bool = False  # lm_head shares wte's weight (rgpt.nn.layers.TiedHead)
     attn: str = "standard"  # standard; flash computes the same in tiles, in O(T) memory
-    bias: bool = (
-        True  # biases in every Linear (attention, feed-forward, lm_head) as in the reference; Llama has none
-    )
+    # biases in every Linear (attention, feed-forward, lm_head) as in the reference; Llama has none
+    bias: bool = True
 
     @property
     def kv_heads(self) -> int:

@@ -101,9 +101,8 @@ class RuntimeSettings:
     """The keys every command shares, beside its own (`python -m rgpt.chat device=cpu threads=2`)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes the GPU when there is one
-    threads: int | None = (
-        None  # CPU threads for torch; None keeps torch's default (one per physical core; 1 per rank under torchrun)
-    )
+    # CPU threads for torch; None keeps torch's default (one per physical core; 1 per rank under torchrun)
+    threads: int | None = None
     # keep: glibc malloc reuses freed memory instead of returning it to the OS (a few percent faster rgpt
     # steps at full bf16 windows; rgpt allocates little per step); system: glibc's defaults
     allocator: str = "keep"

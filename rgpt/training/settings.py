@@ -18,18 +18,14 @@ from rgpt.settings import FLAT, INTERNAL, ConfigError, check, parse
 
 @dataclass
 class TrainSettings:
-    max_epochs: int = (
-        500  # upper bound on epochs (the reference's); early stopping normally ends a run sooner
-    )
-    max_steps: int | None = (
-        None  # optional cap on optimizer steps across the run (a stop mid-epoch saves `last`)
-    )
-    max_minutes: float | None = (
-        None  # optional wall-clock budget for this stage; stops after the step, saves `last`
-    )
-    max_tokens: int | None = (
-        None  # optional budget in training tokens (inputs, padding excluded) across the run
-    )
+    # upper bound on epochs (the reference's); early stopping normally ends a run sooner
+    max_epochs: int = 500
+    # optional cap on optimizer steps across the run (a stop mid-epoch saves `last`)
+    max_steps: int | None = None
+    # optional wall-clock budget for this stage; stops after the step, saves `last`
+    max_minutes: float | None = None
+    # optional budget in training tokens (inputs, padding excluded) across the run
+    max_tokens: int | None = None
     batch_size: int = 16  # sequences per micro-batch; the corpus is short sentences, so 16 keeps padding low
     grad_accum: int = 4  # micro-batches per Adam step: 4 x 16 sequences is a stable batch for this corpus
     lr: float = 5e-4  # peak learning rate: the reference's pretraining rate (stage files set their own)
@@ -41,9 +37,8 @@ class TrainSettings:
     min_lr_ratio: float = 0.1  # the cosine floor, as a fraction of lr
     decay: float = 0.95  # exponential schedule: lr * decay^(epoch / 10), the reference's rule
     clip_norm: float = 5.0  # global L2 gradient-norm clipping threshold (the reference's documented value)
-    weight_decay: float = (
-        0.0  # decoupled (AdamW) decay on weight matrices only; 0 is plain Adam as in the reference
-    )
+    # decoupled (AdamW) decay on weight matrices only; 0 is plain Adam as in the reference
+    weight_decay: float = 0.0
     beta1: float = 0.9  # Adam's first-moment decay
     beta2: float = 0.999  # Adam's second-moment decay
     eps: float = 1e-8  # Adam's denominator guard
@@ -52,9 +47,8 @@ class TrainSettings:
     patience: int = 3
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     monitor: str = "val_loss"  # val_loss or train_loss: what early stopping and `best` checkpoints watch
-    freeze_attn: bool = (
-        False  # true keeps the attention projections fixed (gradients still flow through them)
-    )
+    # true keeps the attention projections fixed (gradients still flow through them)
+    freeze_attn: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients (each skipped) before training stops
     # validate, checkpoint (last, best) and count patience every N optimizer steps instead of at each epoch's
     # end: for corpora whose epoch takes an hour; None: once an epoch
@@ -134,9 +128,8 @@ class CheckpointSettings:
 @dataclass
 class MonitorSettings:
     progress: bool = True  # a tqdm bar per epoch on the console
-    sample_prompt: str = (
-        "山脉是如何形成的？"  # greedy continuation logged to TensorBoard (text) after every epoch
-    )
+    # greedy continuation logged to TensorBoard (text) after every epoch
+    sample_prompt: str = "山脉是如何形成的？"
     sample_tokens: int = 40  # length of that continuation
     # every N steps, each layer's attention heads over sample_prompt as a TensorBoard image (attention/layer_N):
     # one short forward and the pictures, ~0.5 s for model=small; None: never
@@ -144,9 +137,8 @@ class MonitorSettings:
     # per tensor gradient norm, update/weight ratio (healthy near -3), histograms; per layer activation
     # statistics and dead units; entropy per head (rgpt/training/diagnostics.py). Off: free
     diagnostics: bool = False
-    diagnostics_every: int = (
-        100  # steps between diagnostics: at 100, 0.33% of model=small's training time, 0.49% of base's
-    )
+    # steps between diagnostics: at 100, 0.33% of model=small's training time, 0.49% of base's
+    diagnostics_every: int = 100
     # every N steps, check the hand-written gradient of the current micro-batch against float64 finite
     # differences (rgpt/training/gradcheck.py); > 1e-5 is a loud warning. Costs 4 float64 forwards per parameter
     # tensor (model=small: ~20 steps' time, base: ~107), so N in the thousands (2% of the run: small 1000,
@@ -167,33 +159,27 @@ class MonitorSettings:
 
 @dataclass
 class RunConfig:
-    stage: str = (
-        ""  # the stage trained: one of rgpt.stages.STAGES, chosen by its preset rgpt/conf/stage/<name>.yaml
-    )
-    model: GPTConfig = field(
-        default_factory=GPTConfig
-    )  # the architecture: its one definition is rgpt/nn/model.py
+    # the stage trained: one of rgpt.stages.STAGES, chosen by its preset rgpt/conf/stage/<name>.yaml
+    stage: str = ""
+    # the architecture: its one definition is rgpt/nn/model.py
+    model: GPTConfig = field(default_factory=GPTConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
-    data: DataConfig = field(
-        default_factory=DataConfig
-    )  # what the stage reads: defined in rgpt/data/dataset.py
+    # what the stage reads: defined in rgpt/data/dataset.py
+    data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
-    runtime: RuntimeSettings = field(
-        default_factory=RuntimeSettings, metadata=FLAT
-    )  # device, threads, allocator
+    # device, threads, allocator
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata=FLAT)
     # bf16: bfloat16 matmuls, float32 master weights/Adam/statistics; fp32; auto: bf16 where the CPU
     # (AVX512-BF16/AMX) or GPU has it natively
     precision: str = "auto"
     seed: int = 1337  # seeds initialisation, dropout and batch order: same seed and settings, same loss curve
-    run_name: str = (
-        "default"  # names the run directory; sft finds the pretrained model under the same run_name
-    )
+    # names the run directory; sft finds the pretrained model under the same run_name
+    run_name: str = "default"
     out_dir: str = "outputs"  # root of every run directory; watch with `tensorboard --logdir outputs`
-    resume: bool = (
-        False  # continue this stage's run from its newest checkpoint; with none, start from the stage before
-    )
+    # continue this stage's run from its newest checkpoint; with none, start from the stage before
+    resume: bool = False
     # an explicit checkpoint directory to start from (same stage: exact resume; other stage: weights only)
     resume_from: str | None = None
     # torchrun: a rank that waits longer than this for the others (a hung peer, or rank 0 tokenizing a new
@@ -201,9 +187,8 @@ class RunConfig:
     dist_timeout_s: float = 600.0
     # the stage's own group (e.g. `lora:` of rgpt/stages/lora.py), parsed by from_dict
     stage_settings: dict = field(default_factory=dict, metadata=INTERNAL)
-    job: str | None = field(
-        default=None, metadata=INTERNAL
-    )  # under a Hydra sweep (-m): the job's own subdirectory
+    # under a Hydra sweep (-m): the job's own subdirectory
+    job: str | None = field(default=None, metadata=INTERNAL)
 
     @property
     def run_dir(self) -> Path:
