@@ -124,10 +124,12 @@ def split(task: str, val_fraction: float = VAL_FRACTION) -> tuple[list[Problem],
     return train, val
 
 
-def draw(problems: list[Problem], n: int, seed: int, step: int) -> list[Problem]:
-    """n problems drawn (with replacement) by a generator seeded by (seed, step): the same at every resume."""
-    rng = random.Random(f"{seed}:{step}")
-    return [problems[rng.randrange(len(problems))] for _ in range(n)]
+def draw(pools: list[list[Problem]], n: int, *key) -> list[Problem]:
+    """n problems, each of a task drawn uniformly (pools: one list a task, so a small task is not drowned by
+    a large one) and then a problem of it, by a generator seeded by `key` (e.g. seed, epoch, index): the same
+    at every resume."""
+    rng = random.Random(":".join(map(str, key)))
+    return [pool[rng.randrange(len(pool))] for pool in (pools[rng.randrange(len(pools))] for _ in range(n))]
 
 
 def warmup(out: Path, per_task: int = 500, seed: int = 0, tasks=tuple(TASKS)) -> int:

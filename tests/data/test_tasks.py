@@ -79,10 +79,12 @@ def test_split_by_hash_is_stable_and_disjoint():
     assert all(p.key.startswith(("add:", "sub:")) for p in train)
 
 
-def test_draw_depends_on_seed_and_step_only():
-    train, _ = split("arithmetic")
-    assert draw(train, 8, 1, 5) == draw(train, 8, 1, 5)
-    assert draw(train, 8, 1, 5) != draw(train, 8, 1, 6) != draw(train, 8, 2, 5)
+def test_draw_depends_on_its_key_only_and_mixes_the_tasks():
+    pools = [split("arithmetic")[0], split("idiom")[0]]
+    assert draw(pools, 8, 1, 0, 5) == draw(pools, 8, 1, 0, 5)
+    assert draw(pools, 8, 1, 0, 5) != draw(pools, 8, 1, 0, 6) != draw(pools, 8, 2, 0, 5)
+    tasks = [p.task for p in draw(pools, 400, 0)]
+    assert 150 < tasks.count("idiom") < 250  # half and half, though arithmetic has 30 times the problems
 
 
 def test_warmup_corpus_is_read_by_the_sft_reader(tmp_path):

@@ -70,7 +70,9 @@ def resumed(arch: str, stage: str) -> bool:
 
 
 def stage_args(corpus, out: Path, precision: str, arch: str, stage: str, *extra) -> list[str]:
-    files = {"pretrain": corpus.pre, "sft": corpus.sft, "pairs": PAIRS}[STAGES[stage].data_kind]
+    files = {"pretrain": corpus.pre, "sft": corpus.sft, "pairs": PAIRS, "tasks": "arithmetic,idiom"}[
+        STAGES[stage].data_kind
+    ]
     args = cli_args(corpus, out, stage=stage, precision=precision)
     start = ("resume=true",) if before(stage) else ()  # from the predecessor's best model
     return [
