@@ -124,6 +124,16 @@ def split(task: str, val_fraction: float = VAL_FRACTION) -> tuple[list[Problem],
     return train, val
 
 
+def held_out(names=tuple(TASKS), limit: int | None = None) -> list[Problem]:
+    """The held-out problems of the named tasks, each task's in a fixed order mixed by a hash of their keys
+    (so the first `limit` spread over the task, not only 1加1, 1加2, ...); None: all of them."""
+    out = []
+    for name in names:
+        val = sorted(split(name)[1], key=lambda p: hashlib.sha256(p.key.encode()).digest())
+        out += val[:limit]
+    return out
+
+
 def draw(pools: list[list[Problem]], n: int, *key) -> list[Problem]:
     """n problems, each of a task drawn uniformly (pools: one list a task, so a small task is not drowned by
     a large one) and then a problem of it, by a generator seeded by `key` (e.g. seed, epoch, index): the same

@@ -15,14 +15,13 @@ advantages sum to zero and the ratio is 1): read grpo/reward instead.
 """
 
 import math
-import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from rgpt.data.tasks import TASKS, draw, reward, split
+from rgpt.data.tasks import TASKS, draw, held_out, reward, split
 from rgpt.data.tokenizer import PAD_ID
 from rgpt.inference.generate import sample_group
 from rgpt.inference.verify import verify
@@ -117,15 +116,12 @@ class GRPO(Stage):
     def data(self):
         cfg, own, ctx = self.cfg, self.own, self.ctx
         self.criterion = GRPOLoss(own.clip_eps, own.kl_beta)
-        splits = {name: split(name, cfg.data.val_fraction) for name in cfg.data.files}
-        self.pools = [train for train, _ in splits.values()]
-        self.val_set = []
-        for _, val in splits.values():  # the same held-out problems at every validation
-            self.val_set += random.Random(f"{cfg.seed}:val").sample(val, min(own.val_problems, len(val)))
+        self.pools = [split(name)[0] for name in cfg.data.files]
+        self.val_set = held_out(cfg.data.files, own.val_problems)  # the same ones at every validation
         self.train_size = sum(len(p) for p in self.pools)
         self.val_size = len(self.val_set)
         ctx.log(
-            f"tasks {', '.join(splits)}: {self.train_size} training problems, {self.val_size} held-out ones "
+            f"tasks {', '.join(cfg.data.files)}: {self.train_size} training problems, {self.val_size} held-out ones "
             f"answered at each validation; {cfg.train.batch_size} prompts × {own.group_size} replies a micro-batch"
         )
         self.reference = self._reference()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rgpt.data.corpus import read_dialogues
-from rgpt.data.tasks import FORMAT_BONUS, TASKS, Problem, draw, reward, split, warmup
+from rgpt.data.tasks import FORMAT_BONUS, TASKS, Problem, draw, held_out, reward, split, warmup
 
 
 def find(task, key):
@@ -105,3 +105,11 @@ def test_warmup_corpus_is_read_by_the_sft_reader(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert len(cli.read_text().splitlines()) == 10
+
+
+def test_held_out_is_each_tasks_val_split_in_a_fixed_mixed_order():
+    first = held_out(limit=5)
+    assert [p.task for p in first] == ["arithmetic"] * 5 + ["idiom"] * 5
+    assert first == held_out(limit=5) and held_out(["idiom"], 5) == first[5:]
+    assert len({p.key.split(":")[1] for p in first[:5]}) > 1, "the first ones are not all 1加…"
+    assert {p.key for p in held_out()} == {p.key for t in TASKS for p in split(t)[1]}

@@ -23,8 +23,7 @@ from tests.training.test_train_cli import (
 )
 
 # 2 prompts × 4 replies a micro-batch, 4 micro-batches an epoch: 2 steps an epoch (grad_accum 2)
-GRPO = (
-    "data.files=[arithmetic,idiom]",
+GRPO = (  # also the precision matrix's (data.files apart)
     "grpo.group_size=4",
     "grpo.micro_batches=4",
     "grpo.max_reply_tokens=6",
@@ -37,7 +36,7 @@ STEPS_PER_EPOCH = 2
 
 def run_grpo(corpus, out_dir, *extra, rc=0):
     args = [a for a in cli_args(corpus, out_dir, stage="grpo") if not a.startswith("data.files=")]
-    return run([*args, *GRPO, *extra], rc=rc)
+    return run([*args, "data.files=[arithmetic,idiom]", *GRPO, *extra], rc=rc)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from tests.fixtures_serve import Server
 from tests.helpers import ALL_OPTIONS
 from tests.nn.test_dpo import PAIRS
 from tests.stages.test_dpo_cli import DPO
+from tests.stages.test_grpo_cli import GRPO
 from tests.stages.test_lora_cli import LORA
 from tests.training.test_train_cli import (
     REPO,
@@ -46,7 +47,7 @@ from tests.training.test_train_cli import (
 
 PRECISIONS = ("fp32", "bf16")
 ARCHS = {"default": (), "options": ALL_OPTIONS}  # the reference's architecture; every option at once
-SETTINGS = {"lora": LORA, "dpo": DPO}  # a stage's own overrides, those of its CLI tests
+SETTINGS = {"lora": LORA, "dpo": DPO, "grpo": GRPO}  # a stage's own overrides, those of its CLI tests
 EPOCHS = 2  # the straight run; the split one stops after STOP steps (mid-epoch in every stage) and resumes
 STOP = 3
 WORKERS = max(2, os.cpu_count() or 1)
