@@ -65,6 +65,11 @@ class GRPOSettings:
         return self
 
 
+def _cell(text: str) -> str:
+    """Text as one cell of a markdown table."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 class Draw:
     """One micro-batch before its rollout: where it sits in the run, the key of its problems and replies.
     The rollout fills idx with the sequences it generated (the loop counts their tokens)."""
@@ -127,6 +132,7 @@ class GRPO(Stage):
         self.reference = self._reference()
         self.ref_model = self._reference_model()
         self._clock = {"rollout": 0.0, "update": 0.0}
+        self._last = []  # (prompt, reply, ended, reward) of the last micro-batch's first reply to each prompt
         return Draws(own.micro_batches, cfg.train.batch_size * own.group_size)
 
     def _reference(self) -> dict:
@@ -227,6 +233,10 @@ class GRPO(Stage):
         with timers("backward"):
             # reply-weighted: the gradient of the step's mean over all its replies
             m.backward(dtoken_logp=self.criterion.backward(scale=b.n_replies / n_total))
+        self._last = [
+            (p.prompt, *replies[i * own.group_size], float(rewards[i * own.group_size]))
+            for i, p in enumerate(problems)
+        ]
         self._clock["rollout"] += t1 - t0
         self._clock["update"] += time.perf_counter() - t1
         G, n = own.group_size, b.n_replies
@@ -263,6 +273,14 @@ class GRPO(Stage):
         out["grpo/rollout_sec"], out["grpo/update_sec"] = self._clock["rollout"], self._clock["update"]
         self._clock = {"rollout": 0.0, "update": 0.0}
         return out
+
+    def texts(self) -> dict[str, str]:
+        """The last micro-batch's first sampled reply to each prompt, with its reward (this rank's)."""
+        if not self._last:
+            return {}
+        lines = ["| prompt | sampled reply | ended | reward |", "|---|---|---|---|"]
+        lines += [f"| {_cell(q)} | {_cell(a)} | {e} | {r:.2f} |" for q, a, e, r in self._last]
+        return {"grpo/replies": "\n".join(lines)}
 
     def validate(self) -> float:
         """−(mean reward) of greedy replies to the held-out problems (each rank answers them all)."""

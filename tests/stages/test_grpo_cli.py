@@ -87,6 +87,8 @@ def test_sft_then_grpo_then_chat(straight):
     assert acc.Scalars("grpo/kl")[0].value == 0.0 and acc.Scalars("grpo/clip_fraction")[0].value == 0.0
     assert acc.Scalars("grpo/kl")[-1].value > 0.0, "the policy never left the reference"
     assert any(e.value > 0 for e in acc.Scalars("grpo/advantage_std")), "no group had different rewards"
+    texts = acc.Tags()["tensors"]
+    assert "grpo/replies/text_summary" in texts, texts  # the sampled replies, as TensorBoard text
     start, end = weights(best_sft), weights(final)
     assert any(not (start[n] == end[n]).all() for n in start), "GRPO moved nothing"
     reply = run(
