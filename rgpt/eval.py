@@ -1,8 +1,10 @@
-"""python -m rgpt.eval [checkpoint=PATH] [data.path=FILE] [task=lm|sft] [key=value ...]
+"""python -m rgpt.eval [checkpoint=PATH] [data.path=FILE] [task=lm|sft|verify] [key=value ...]
 
 Measures a checkpoint on a corpus: loss, perplexity, bits per character, <unk> rate; with task=sft also
-the replies' exact match and character F1 (rgpt/inference/evaluate.py says how). The last line printed is
-one JSON object with these numbers. Every key: EvalConfig (`--cfg job` prints them).
+the replies' exact match and character F1 (rgpt/inference/evaluate.py says how). task=verify instead answers
+the held-out problems of the verifiable tasks greedily (rgpt/data/tasks.py) and reports each task's accuracy
+and mean reward. The last line printed is one JSON object with these numbers. Every key: EvalConfig
+(`--cfg job` prints them).
 """
 
 import json
@@ -12,7 +14,9 @@ import torch
 
 from rgpt.cli import hydra_main, quote_text_overrides, settings
 from rgpt.data import CorpusError, expand_paths
+from rgpt.data.tasks import held_out
 from rgpt.inference.evaluate import EvalConfig, evaluate
+from rgpt.inference.verify import verify
 
 
 def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
@@ -38,6 +42,8 @@ def summary(result: dict, ckpt, cfg: EvalConfig) -> str:
 def _main(cfg) -> None:
     c = settings(EvalConfig, cfg)
     device = c.runtime.apply()
+    if c.task == "verify":
+        return _verify(c, device)
     expand_paths(c.data_path)  # a missing file fails before the model loads
     model, tok, path = c.model.open(device)
     try:
@@ -48,6 +54,18 @@ def _main(cfg) -> None:
         raise
     print(summary(result, path, c))
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, ensure_ascii=False))
+
+
+def _verify(c: EvalConfig, device) -> None:
+    model, tok, path = c.model.open(device)
+    model.eval()
+    result = verify(model, tok, held_out(limit=c.max_problems), c.decode.max_new_tokens)
+    print(f"checkpoint   {path}")
+    for name, r in result.items():
+        print(
+            f"{name:12} accuracy {r['accuracy']:.1%}, mean reward {r['reward']:.3f} over {r['n']:,} held-out problems"
+        )
+    print(json.dumps(result, ensure_ascii=False))
 
 
 def main() -> None:

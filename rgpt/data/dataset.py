@@ -48,7 +48,8 @@ from rgpt.settings import INTERNAL, check
 # Bump when the layout or the meaning of the cached arrays changes: old caches then miss.
 DATA_FORMAT = "rgpt-data/1"
 REPLAY_FORMAT = "replay-split/2"  # replayed documents in a split of their own (1: merged into train)
-KINDS = ("pretrain", "sft", "pairs")  # pairs: DPO's preference pairs, read by rgpt.data.preference
+KINDS = ("pretrain", "sft", "pairs", "tasks")  # pairs: DPO's preference pairs (rgpt.data.preference);
+# tasks: names of the verifiable tasks whose problems are generated (rgpt.data.tasks), for stage=grpo
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DataConfig:
     sets `kind` from the stage)."""
 
     files: list[str] = field(default_factory=list)  # corpus files and/or directories of one training stage
-    # "pretrain" (documents), "sft" (dialogues) or "pairs" (dpo): set by the stage, never in a config
+    # "pretrain" (documents), "sft" (dialogues), "pairs" (dpo) or "tasks" (grpo): set by the stage, never in a config
     kind: str = field(default="pretrain", metadata=INTERNAL)
     val_fraction: float = 0.05  # share of documents, picked by a hash of their text, held out
     val_files: list[str] = field(default_factory=list)  # if given, the validation set instead

@@ -26,7 +26,7 @@ from rgpt.nn.loss import IGNORE_INDEX as IGNORE
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError, check
 
-TASKS = ("lm", "sft")
+TASKS = ("lm", "sft", "verify")
 
 
 @dataclass
@@ -42,8 +42,12 @@ class EvalConfig:
 
     model: ModelChoice = field(default_factory=ModelChoice, metadata=FLAT)  # checkpoint=, out_dir=
     data: EvalData = field(default_factory=EvalData)
-    # lm: loss, perplexity, bits/char, <unk> rate; sft: also greedy replies scored by exact match and char F1
+    # lm: loss, perplexity, bits/char, <unk> rate; sft: also greedy replies scored by exact match and char F1;
+    # verify: accuracy and reward of greedy replies to the held-out verifiable tasks (rgpt.data.tasks; no data.path)
     task: str = "lm"
+    # task=verify: the first N held-out problems of each task (the ones stage=grpo validates on with
+    # grpo.val_problems=N); None: all of them (~1,500 arithmetic, ~50 idioms)
+    max_problems: int | None = None
     # windows per forward pass; 16 x 256 tokens x 10k vocab of logits is ~160 MB in float32
     batch_size: int = 16
     # how task=sft makes its replies
@@ -63,6 +67,12 @@ class EvalConfig:
             )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be a positive integer")
         check(self.task in TASKS, "task", self.task, f"must be one of {', '.join(TASKS)}")
+        check(
+            self.max_problems is None or self.max_problems >= 1,
+            "max_problems",
+            self.max_problems,
+            "must be >= 1 or null",
+        )
         try:
             self.decode.check()
         except ValueError as e:

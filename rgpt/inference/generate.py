@@ -298,3 +298,50 @@ def generate(
             use_cache=use_cache,
         )[0]
     return list(stream(model, prompt, cfg, stop_ids=stop_ids, generator=generator, use_cache=use_cache))
+
+
+# ---- a group of samples of one prompt (GRPO's rollouts) ---------------------------------------------
+@torch.no_grad()
+def sample_group(
+    model,
+    prompt: Sequence[int],
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop_ids: Sequence[int] = END_OF_TURN,
+) -> list[tuple[list[int], list[float], bool]]:
+    """n replies to one prompt, sampled as one batch of n rows through the KV cache: for each, its token ids
+    (with the stop id that ended it, the reply's last target), the log-probability of each under the model's
+    own distribution (temperature 1, no masking: what a policy-gradient objective differentiates, whatever
+    drew them), and whether it ended at a stop id (False: cut at max_new_tokens). The caller keeps
+    prompt + max_new_tokens within the window, so nothing slides out.
+    """
+    cfg = DecodeConfig(method="sample", temperature=temperature, max_new_tokens=max_new_tokens).check()
+    window = Window(model, n)
+    ids = _prompt_tensor(model, prompt).expand(n, -1)  # (n, T) the same prompt in every row
+    logits = window.extend(ids)  # (n, V)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)
+    tokens, logps = [], []
+    done = torch.zeros(n, dtype=torch.bool, device=model.device)
+    ended_at = torch.full((n,), max_new_tokens, dtype=torch.long, device=model.device)
+    for step in range(max_new_tokens):
+        allowed = logits.index_fill(-1, stops, float("-inf")) if step < cfg.min_new_tokens else logits
+        token = next_token(allowed, cfg, None, generator)  # (n,)
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        logp = logp.gather(1, token[:, None]).squeeze(1)  # (n,)
+        tokens.append(token)
+        logps.append(logp)
+        stop = torch.isin(token, stops) & ~done
+        ended_at = torch.where(stop, torch.full_like(ended_at, step), ended_at)
+        done |= stop
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        logits = window.extend(token.view(n, 1))  # finished rows go on too; what they draw is dropped
+    tok, lp = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (n, steps)
+    out = []
+    for i, end in enumerate(ended_at.tolist()):
+        k = min(end + 1, max_new_tokens)  # an ended reply keeps its stop token: learning to end is part of it
+        out.append((tok[i][:k], lp[i][:k], end < max_new_tokens))
+    return out

@@ -267,21 +267,37 @@ class GPT:
 
     def _row_sequence(self):
         """(N,) the sequence (batch row) of every row that reached the loss in the last forward."""
-        B, T = self._bt
-        rows = self._kept[0] if self._kept is not None else torch.arange(B * T, device=self.device)
-        return rows // T
+        return self._rows() // self._bt[1]
 
     def sequence_logprobs(self):
         """(B,) each sequence's summed log-probability of its targets in the last forward(idx, targets)."""
         logp = self.criterion.row_logprobs()  # (N,) 0 on rows without a target
         return logp.new_zeros(self._bt[0]).index_add_(0, self._row_sequence(), logp)
 
-    def backward(self, scale=1.0, dlogp=None):
+    def _rows(self):
+        """(N,) the flat (B*T) position of every row that reached the loss in the last forward."""
+        B, T = self._bt
+        return self._kept[0] if self._kept is not None else torch.arange(B * T, device=self.device)
+
+    def token_logprobs(self):
+        """(B, T) each position's log-probability of its target in the last forward(idx, targets), 0 where
+        there is no target (the per-token form of sequence_logprobs: GRPO's ratios and KL are per token)."""
+        B, T = self._bt
+        logp = self.criterion.row_logprobs()  # (N,)
+        return logp.new_zeros(B * T).index_copy_(0, self._rows(), logp).view(B, T)
+
+    def backward(self, scale=1.0, dlogp=None, dtoken_logp=None):
         """Add d(loss * scale)/d(param) into self.grads for the loss of the last forward(idx, targets).
 
         dlogp (B,): instead, the gradient of some loss with respect to each sequence's summed log-probability
-        (sequence_logprobs); the cross-entropy backward is then scaled per row by -dlogp (DPO)."""
-        row_coef = None if dlogp is None else -dlogp[self._row_sequence()]  # (N,)
+        (sequence_logprobs); the cross-entropy backward is then scaled per row by -dlogp (DPO).
+        dtoken_logp (B, T): the same per token, with respect to token_logprobs (GRPO); positions without a
+        target are ignored."""
+        row_coef = None
+        if dlogp is not None:
+            row_coef = -dlogp[self._row_sequence()]  # (N,)
+        elif dtoken_logp is not None:
+            row_coef = -dtoken_logp.reshape(-1)[self._rows()]  # (N,) d logp_row / d logits = onehot - softmax
         dx = self.lm_head.backward(self.criterion.backward(scale, row_coef))  # (B, T, C), or (N, C) kept rows
         if self._kept is not None:  # rows that were skipped get a zero gradient
             keep, shape = self._kept

@@ -5,7 +5,8 @@ rgpt/conf/stage/<name>.yaml, and its tests.
 """
 
 from rgpt.stages.dpo import DPO
+from rgpt.stages.grpo import GRPO
 from rgpt.stages.lm import SFT, Pretrain
 from rgpt.stages.lora import LoRA
 
-STAGES = {stage.name: stage for stage in (Pretrain, SFT, DPO, LoRA)}
+STAGES = {stage.name: stage for stage in (Pretrain, SFT, DPO, LoRA, GRPO)}

@@ -404,6 +404,8 @@ class Trainer:
         self.monitor.scalars(self.step, {f"time/{k}_sec": v for k, v in self.timers.total.items()})
         if self.dist.is_main:
             self.monitor.text("sample", self.glimpses.sample(), self.step)
+            for tag, text in self.stage.texts().items():
+                self.monitor.text(tag, text, self.step)
             if self._eta is not None:  # which budget ends the run, in words
                 self.monitor.text("eta", self._eta.text(), self.step)
         if self.bad_epochs >= t.patience:

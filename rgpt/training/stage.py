@@ -96,3 +96,8 @@ class Stage:
     def val_metrics(self, val_loss: float) -> dict:
         """The stage's own metrics of the last validation."""
         return {"val/loss": val_loss}
+
+    def texts(self) -> dict[str, str]:
+        """Text the stage shows at each validation beside the loop's sample ({TensorBoard tag: markdown}),
+        e.g. what it generated during training."""
+        return {}

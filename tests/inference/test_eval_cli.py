@@ -111,10 +111,24 @@ def test_errors_are_a_clear_message_and_status_1(tiny_run, tmp_path, args, messa
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_verify_reports_each_tasks_held_out_accuracy(tiny_run, tmp_path):
+    out_dir, ckpt = tiny_run
+    proc = run_cli(
+        "eval", f"checkpoint={ckpt}", "task=verify", "max_problems=3", "max_new_tokens=6", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = last_json(proc.stdout)
+    assert list(got) == ["arithmetic", "idiom"], got
+    for r in got.values():
+        assert r["n"] == 3 and 0 <= r["accuracy"] <= 1 and 0 <= r["reward"] <= 1.1, got
+    assert "over 3 held-out problems" in proc.stdout and list(tmp_path.iterdir()) == []
+
+
 def test_bad_settings_name_the_key():
     for bad, key in [
         ({"task": "qa"}, "task"),
         ({"batch_size": 0}, "batch_size"),
+        ({"task": "verify", "max_problems": 0}, "max_problems"),
         ({"max_new_tokens": "many"}, "max_new_tokens"),
         ({"colour": 1}, "colour"),
     ]:

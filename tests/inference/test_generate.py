@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rgpt.inference.generate import (
+    END_OF_TURN,
     MIN_TEMPERATURE,
     DecodeConfig,
     Window,
@@ -16,6 +17,7 @@ from rgpt.inference.generate import (
     make_generator,
     next_token,
     penalise_repeats,
+    sample_group,
     stream,
     top_k_filter,
     top_p_filter,
@@ -358,3 +360,30 @@ def test_a_vanishing_temperature_samples_greedily_not_nan():
         for s in range(40)
     }
     assert len(draws) > 1, "a real temperature still samples"
+
+
+# ---- a group of samples (GRPO's rollouts) ---------------------------------------------------------------
+def test_sample_group_logprobs_are_the_full_forwards_and_draws_repeat_with_the_generator():
+    model = tiny_model(block_size=16)
+    model.eval()
+    prompt = [1, 7, 9, 3]
+    n, max_new = 6, 8
+    group = sample_group(
+        model, prompt, n, max_new_tokens=max_new, temperature=1.3, generator=make_generator(5, "cpu")
+    )
+    again = sample_group(
+        model, prompt, n, max_new_tokens=max_new, temperature=1.3, generator=make_generator(5, "cpu")
+    )
+    assert group == again, "the same generator drew other replies"
+    assert len(group) == n and any(ended for *_, ended in group) and any(not e for *_, e in group)
+    for ids, logps, ended in group:
+        assert len(ids) == len(logps) >= 1 and len(ids) <= max_new
+        assert ended == (ids[-1] in END_OF_TURN) and not any(t in END_OF_TURN for t in ids[:-1])
+        # what a policy-gradient objective reads: each token's log-probability at temperature 1, no masking,
+        # as the training forward computes it over prompt + reply
+        full = torch.tensor([prompt + ids])
+        targets = torch.full_like(full, -100)
+        targets[0, len(prompt) - 1 : -1] = full[0, len(prompt) :]
+        model.forward(full[:, :-1], targets[:, :-1])
+        want = model.token_logprobs()[0, len(prompt) - 1 :]
+        assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")

@@ -32,6 +32,7 @@ from tests.fixtures_serve import Server
 from tests.helpers import ALL_OPTIONS
 from tests.nn.test_dpo import PAIRS
 from tests.stages.test_dpo_cli import DPO
+from tests.stages.test_grpo_cli import GRPO
 from tests.stages.test_lora_cli import LORA
 from tests.training.test_train_cli import (
     REPO,
@@ -46,7 +47,12 @@ from tests.training.test_train_cli import (
 
 PRECISIONS = ("fp32", "bf16")
 ARCHS = {"default": (), "options": ALL_OPTIONS}  # the reference's architecture; every option at once
-SETTINGS = {"lora": LORA, "dpo": DPO}  # a stage's own overrides, those of its CLI tests
+SETTINGS = {"lora": LORA, "dpo": DPO, "grpo": GRPO}  # a stage's own overrides, those of its CLI tests
+# stages whose losses score decoded text (grpo: −reward of greedy replies, and a surrogate that is 0 by
+# construction): one token decoded differently moves them by a whole reward step, so the two precisions'
+# losses are not compared for them (measured, tiny model: held-out reward 0.0375 in fp32, 0.0125 in bf16
+# after 4 steps, the sampled rollouts identical); their exact resume is checked above in both precisions
+DECODED = {"grpo"}
 EPOCHS = 2  # the straight run; the split one stops after STOP steps (mid-epoch in every stage) and resumes
 STOP = 3
 WORKERS = max(2, os.cpu_count() or 1)
@@ -70,7 +76,9 @@ def resumed(arch: str, stage: str) -> bool:
 
 
 def stage_args(corpus, out: Path, precision: str, arch: str, stage: str, *extra) -> list[str]:
-    files = {"pretrain": corpus.pre, "sft": corpus.sft, "pairs": PAIRS}[STAGES[stage].data_kind]
+    files = {"pretrain": corpus.pre, "sft": corpus.sft, "pairs": PAIRS, "tasks": "arithmetic,idiom"}[
+        STAGES[stage].data_kind
+    ]
     args = cli_args(corpus, out, stage=stage, precision=precision)
     start = ("resume=true",) if before(stage) else ()  # from the predecessor's best model
     return [
@@ -264,6 +272,8 @@ def test_bf16_and_fp32_train_differently_to_nearly_the_same_losses(matrix, arch,
     fp32, bf16 = (final(matrix.out((p, arch, stage)), stage) for p in PRECISIONS)
     a, b = tensors(fp32), tensors(bf16)
     assert any(not torch.equal(a[n], b[n]) for n in a), "bf16 trained bit-identically to fp32: not in bf16?"
+    if stage in DECODED:
+        return
     for h32, h16 in zip(history(fp32), history(bf16), strict=True):
         for key in ("train_loss", "val_loss"):
             x, y = h32[key], h16[key]
