@@ -130,3 +130,44 @@ def test_no_yaml_repeats_a_default():
         node = yaml.safe_load(path.read_text(encoding="utf-8"))
         same = repeats(node, base)
         assert not same, f"{path.relative_to(CONF_DIR)} repeats the defaults of {same}"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(("rgpt", *path.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def test_no_import_cycle():
+    """No module reaches itself through rgpt's imports, counting those inside functions: a cycle hidden by
+    a late import is still two modules that cannot be understood one before the other."""
+    names = {module_name(p): p for p in MODULES}
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("rgpt")
+            ):
+                deps |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                    for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("rgpt")}
+        graph[name] = {d for d in deps if d in names and d != name}
+    state, cycles = {}, []
+
+    def visit(u, stack):
+        state[u] = "open"
+        for v in sorted(graph[u]):
+            if state.get(v) == "open":
+                cycles.append(" -> ".join(stack[stack.index(v) :] + [u, v]))
+            elif v not in state:
+                visit(v, stack + [u])
+        state[u] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, f"import cycles: {cycles}"

@@ -7,11 +7,9 @@ settings dataclass (`settings(cls, cfg)`, through rgpt.settings.parse); the libr
 import functools
 import re
 import sys
-from pathlib import Path
 
+from rgpt.cli.overrides import CONF_DIR
 from rgpt.settings import ConfigError, load
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # inside the package, so a wheel carries it
 
 
 def user_errors():

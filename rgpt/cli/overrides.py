@@ -3,9 +3,11 @@ a suggestion, and the directory name of a sweep job (the `${sweep_job:...}` reso
 
 import difflib
 import sys
+from pathlib import Path
 
-from rgpt.cli import CONF_DIR
 from rgpt.settings import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # inside the package, so a wheel carries it
 
 
 def _parse(argv: list[str]):

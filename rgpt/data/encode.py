@@ -19,7 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from rgpt.data.tokenizer import Tokenizer, TokenizerBase, tokenizer_from_dict
+from rgpt.data.tokenizer import Tokenizer, TokenizerBase
+from rgpt.data.vocab import tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # characters a task: large enough that sending it costs far less than segmenting it
 AHEAD = 2  # chunks in flight per worker

@@ -77,7 +77,7 @@ def _segmenter(user_words: tuple[str, ...]) -> jieba.Tokenizer:
 
 class TokenizerBase:
     """What the rest of rgpt calls on a tokenizer, whatever its kind: encode, encode_array, decode, tokens,
-    vocab_size, to_dict (and save, load through load_tokenizer). The six SPECIALS are ids 0..5 in every
+    vocab_size, to_dict (and save; rgpt.data.vocab.load_tokenizer loads either kind). The six SPECIALS are ids 0..5 in every
     kind, so the templates below (and rgpt's decoding) are written once.
 
     Kinds: Tokenizer (jieba words over a vocabulary built from the corpus, vocab.json format
@@ -159,22 +159,6 @@ class TokenizerBase:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-
-
-def tokenizer_from_dict(d: dict, where="vocabulary") -> TokenizerBase:
-    """The tokenizer of either kind that a to_dict() describes, by its format."""
-    from rgpt.data.json_tokenizer import FORMAT, JsonTokenizer  # imported here: it needs `tokenizers`
-
-    if d.get("format") == FORMAT:
-        return JsonTokenizer.from_dict(d, where)
-    return Tokenizer.from_dict(d, where)
-
-
-def load_tokenizer(path) -> TokenizerBase:
-    """A saved vocab.json (``path``, or the one inside it), of either kind."""
-    path = Path(path)
-    path = path / "vocab.json" if path.is_dir() else path
-    return tokenizer_from_dict(json.loads(path.read_text(encoding="utf-8")), path)
 
 
 class Tokenizer(TokenizerBase):

@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rgpt.data.tokenizer import load_tokenizer
+from rgpt.data.vocab import load_tokenizer
 from rgpt.nn.lora import FORMAT, Adapters, LoRASettings
 from rgpt.nn.model import GPT, GPTConfig
 from rgpt.runtime import checkpoint as ckpt

@@ -225,7 +225,7 @@ def model_config(meta: dict, path):
 
 def load_model(path, device="cpu", dtype=torch.float32):
     """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference."""
-    from rgpt.data.tokenizer import load_tokenizer
+    from rgpt.data.vocab import load_tokenizer
     from rgpt.nn.model import GPT  # imported here: the model does not depend on checkpoints
 
     path = Path(path)

@@ -25,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rgpt.data.json_tokenizer import JsonTokenizer
-from rgpt.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, SPECIALS, USER_ID, load_tokenizer
+from rgpt.data.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, SPECIALS, USER_ID
+from rgpt.data.vocab import load_tokenizer
 from rgpt.nn.layers import swiglu_hidden
 from rgpt.nn.model import GPTConfig
 from rgpt.runtime import checkpoint as ckpt

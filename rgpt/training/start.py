@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from rgpt.data import build_tokenizer
-from rgpt.data.tokenizer import TokenizerBase, load_tokenizer
+from rgpt.data.tokenizer import TokenizerBase
+from rgpt.data.vocab import load_tokenizer
 from rgpt.nn.model import GPT, GPTConfig
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.runtime.checkpoint import CheckpointError

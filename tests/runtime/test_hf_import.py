@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rgpt.data.tokenizer import SPECIALS, load_tokenizer
+from rgpt.data.tokenizer import SPECIALS
+from rgpt.data.vocab import load_tokenizer
 from rgpt.inference.generate import DecodeConfig, generate
 from rgpt.nn.model import GPT
 from rgpt.runtime import checkpoint as ckpt
