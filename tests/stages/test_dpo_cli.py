@@ -22,7 +22,6 @@ from tests.training.test_train_cli import (
     scalar_curve,
     tensorboard,
     weights,
-    write_corpus,
 )
 
 DPO = ("train.batch_size=2", "train.grad_accum=1", "data.val_fraction=0.25", "train.lr=1e-3")
@@ -32,20 +31,6 @@ STEPS_PER_EPOCH = 4  # 7 training pairs (5 held out by hash) in micro-batches of
 def run_dpo(corpus, out_dir, *extra, pairs=PAIRS, rc=0) -> subprocess.CompletedProcess:
     args = [a for a in cli_args(corpus, out_dir, stage="dpo") if not a.startswith("data.files=")]
     return run([*args, f"data.files=[{pairs}]", *DPO, *extra], rc=rc)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def sft(corpus, tmp_path_factory):
-    """pretrain (1 epoch) then sft (2 epochs): the model DPO starts from; tests copy the out_dir."""
-    out = tmp_path_factory.mktemp("sft")
-    run(cli_args(corpus, out, "train.max_epochs=1"))
-    run(cli_args(corpus, out, "resume=true", "train.max_epochs=2", stage="sft"))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from tests.training.test_train_cli import (
     scalar_curve,
     tensorboard,
     weights,
-    write_corpus,
 )
 
 # 2 prompts × 4 replies a micro-batch, 4 micro-batches an epoch: 2 steps an epoch (grad_accum 2)
@@ -37,20 +36,6 @@ STEPS_PER_EPOCH = 2
 def run_grpo(corpus, out_dir, *extra, rc=0):
     args = [a for a in cli_args(corpus, out_dir, stage="grpo") if not a.startswith("data.files=")]
     return run([*args, "data.files=[arithmetic,idiom]", *GRPO, *extra], rc=rc)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def sft(corpus, tmp_path_factory):
-    """pretrain (1 epoch) then sft (2 epochs): the model GRPO starts from; tests copy the out_dir."""
-    out = tmp_path_factory.mktemp("sft")
-    run(cli_args(corpus, out, "train.max_epochs=1"))
-    run(cli_args(corpus, out, "resume=true", "train.max_epochs=2", stage="sft"))
-    return out
 
 
 @pytest.fixture(scope="module")

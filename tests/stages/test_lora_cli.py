@@ -21,7 +21,6 @@ from tests.training.test_train_cli import (
     run_dir,
     scalar_curve,
     weights,
-    write_corpus,
 )
 
 LORA = (
@@ -36,18 +35,6 @@ ADAPTER_FILES = {ckpt.ADAPTER, ckpt.ADAPTER_CONFIG, ckpt.OPTIM, ckpt.VOCAB, ckpt
 
 def lora_args(corpus, out, *extra):
     return [a.replace("stage=sft", "stage=lora") for a in cli_args(corpus, out, *LORA, *extra, stage="sft")]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def pretrain(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrain")
-    run(cli_args(corpus, out, "train.max_epochs=1"))
-    return out
 
 
 @pytest.fixture(scope="module")
