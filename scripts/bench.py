@@ -53,12 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--allocator", default="keep", choices=ALLOCATORS, help="as the allocator key of conf/")
-    p.add_argument("--models", default="base,small", help="comma-separated conf/model names")
+    p.add_argument("--models", default="base,small", help="comma-separated rgpt/conf/model names")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tokenizer's)")
     p.add_argument("--pretrain", nargs="+", default=[str(CORPUS_DIR / "pretrain")], help="pretraining corpus")
     p.add_argument("--sft", nargs="+", default=[str(CORPUS_DIR / "sft")], help="dialogue corpus")
     p.add_argument("--cache-dir", default="outputs/.cache", help="tokenizer and token-set cache (training's)")
-    p.add_argument("--dropout", type=float, default=0.1, help="as in conf/model (rgpt and autograd alike)")
+    p.add_argument(
+        "--dropout", type=float, default=0.1, help="as in rgpt/conf/model (rgpt and autograd alike)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="training steps per variant per round")

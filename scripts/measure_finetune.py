@@ -137,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     common = [f"model={a.model}", f"out_dir={out}", "run_name=m17", "monitor.progress=false", "threads=1"]
-    sft_steps = -(-2205 // 16) * a.sft_epochs  # one cosine cycle over the stage, as conf/stage/sft.yaml
+    sft_steps = -(-2205 // 16) * a.sft_epochs  # one cosine cycle over the stage, as rgpt/conf/stage/sft.yaml
     tune = [f"train.max_epochs={a.sft_epochs}", f"train.cycle_steps={sft_steps}"]
     pairs = f"data.files=[{Path(a.pairs).resolve()}]"
     stages = {

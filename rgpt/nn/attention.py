@@ -1,6 +1,6 @@
 """Multi-head causal self-attention with a hand-written backward, plus the KV-cache path for decoding.
 
-Shapes follow the legend in rgpt/layers.py (B, T, C, H, D).
+Shapes follow the legend in rgpt/nn/layers.py (B, T, C, H, D).
 """
 
 import math

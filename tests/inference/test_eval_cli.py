@@ -205,7 +205,7 @@ def test_char_f1():
 
 
 def test_every_decoding_setting_reaches_eval_from_the_one_list():
-    """conf/decode.yaml's keys (DecodeConfig's fields) are eval's too: no second list to forget one in."""
+    """DecodeConfig's fields are eval's keys too: no second list to forget one in."""
     cfg = load(
         EvalConfig,
         {

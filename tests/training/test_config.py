@@ -30,7 +30,7 @@ REQUIRED_TOP = ("stage", "model", "device", "seed", "run_name", "out_dir", "resu
 REQUIRED_TRAIN = ("max_epochs", "max_steps", "batch_size", "grad_accum", "lr", "patience", "freeze_attn")
 
 
-# sft: see conf/stage/sft.yaml; patience 3 and the sft micro-batches: the 30-minute pipeline on AVX2
+# sft: see rgpt/conf/stage/sft.yaml; patience 3 and the sft micro-batches: the 30-minute pipeline on AVX2
 @pytest.mark.parametrize("stage, lr, grad_accum", [("pretrain", 5e-4, 4), ("sft", 1e-3, 2)])
 def test_each_stage_composes_into_a_valid_run_config(stage, lr, grad_accum):
     cfg = composed(f"stage={stage}")
@@ -134,13 +134,13 @@ MODEL_YAMLS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 @pytest.mark.parametrize("name", MODEL_YAMLS)
 def test_model_yamls_only_override_the_one_schema(name):
-    """Each conf/model preset composes into a valid GPTConfig and names only what differs from its defaults."""
+    """Each rgpt/conf/model preset composes into a valid GPTConfig and names only what differs from its defaults."""
     run = run_config(f"model={name}")
     assert isinstance(run.model, GPTConfig)
     raw = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text(encoding="utf-8"))
     raw = raw or {}  # base.yaml: GPTConfig's defaults, nothing to set
     same = sorted(k for k, v in raw.items() if getattr(GPTConfig(), k) == v)
-    assert not same, f"conf/model/{name}.yaml repeats GPTConfig's defaults for {same}"
+    assert not same, f"rgpt/conf/model/{name}.yaml repeats GPTConfig's defaults for {same}"
 
 
 def test_every_architecture_option_is_settable_from_the_command_line():

@@ -47,7 +47,7 @@ def write_corpus(root: Path) -> Corpus:
 def cli_args(corpus: Corpus, out_dir, *extra, stage="pretrain", precision="fp32") -> list[str]:
     """The training command line of the CLI tests. precision is pinned: auto is bf16 on a CPU with AVX-512
     BF16 and fp32 elsewhere, so these tests would take another path on another machine; both precisions
-    of every stage are run on purpose by tests/test_precision_matrix.py."""
+    of every stage are run on purpose by tests/stages/test_precision_matrix.py."""
     files = corpus.pre if stage == "pretrain" else corpus.sft
     return [
         sys.executable,
