@@ -1,18 +1,21 @@
-"""One model answering many requests: a worker thread that decodes every active reply in turn, a token each.
+"""One model answering many requests: a worker thread that decodes every active reply together.
 
-Requests wait in a bounded queue; up to `max_active` replies are decoded at once. Each reply is its own
-`stream` (rgpt.inference.generate) with its own Window of KV caches and its own random generator, so tokens cannot
-cross between conversations, and taking turns token by token lets every reply start early instead of
-waiting for all earlier ones to finish. A reply whose client went away is dropped at its next turn.
+Requests wait in a bounded queue; up to `max_active` replies are decoded at once by a Batcher
+(rgpt.inference.batch): each step prefills a chunk of the prompts that are starting and decodes one token of
+every other active reply in one forward, so replies join and leave between steps and a long prompt never
+stalls the others for long. Each reply has its own slot of KV caches, its own random generator and its own
+position, so tokens cannot cross between conversations: the same request and seed give the same text
+alone or among others (tested with 32 streams). A reply whose client went away is dropped before the next step.
 
 The worker thread owns the model; the web server's event loop only submits, cancels and reads events.
 Events reach a reply's asyncio queue through call_soon_threadsafe: ("text", new text) as it is decoded,
 then ("end", finish_reason, tokens generated); or ("error", HTTP status, message) if decoding failed
 or the server is shutting down.
 
-Each reply's whole turn (admission, the token, its text, the events) runs under one guard: a reply whose
-decoding fails gets its error and the others go on. Should the thread itself die, every reply is ended
-with a 503, `failure` says why, and submit() refuses at once instead of queueing replies nobody decodes.
+What fails for one reply (its admission, its prefill, its token, its text) ends that reply alone with a 500;
+should a step fail for all (the batched forward), every active reply gets the error and the thread goes on.
+Should the thread itself die, every reply is ended with a 503, `failure` says why, and submit() refuses
+at once instead of queueing replies nobody decodes.
 """
 
 import asyncio
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rgpt.inference.batch import Batcher, Event, Row
 from rgpt.inference.conversation import ReplyText
-from rgpt.inference.generate import DecodeConfig, stream
+from rgpt.inference.generate import DecodeConfig
 
 
 class Busy(Exception):
@@ -48,16 +52,19 @@ class Reply:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the web side when its client left; the worker drops the reply
     done: bool = False
+    row: Row | None = None  # the worker's: its place in the Batcher, and its text so far
+    text: ReplyText | None = None
 
 
 class Engine:
     """The queue of replies and the thread that decodes them (start() it; stop() ends it)."""
 
-    def __init__(self, model, tok, max_active: int, max_queue: int):
+    def __init__(self, model, tok, max_active: int, max_queue: int, prefill_chunk: int = 64):
         self.model, self.tok = model, tok
         self.max_active, self.max_queue = max_active, max_queue
+        self.batcher = Batcher(model, max_active, prefill_chunk)
         self.waiting: collections.deque[Reply] = collections.deque()
-        self.active: list[tuple[Reply, object, ReplyText]] = []  # (reply, its token iterator, its text)
+        self.active: list[Reply] = []  # admitted to the batcher, in admission order
         self.served = 0
         self.lock = threading.Condition()
         self.stopping = False
@@ -135,52 +142,64 @@ class Engine:
                     self._end_all("the server is shutting down")
                     return
                 while self.waiting and len(self.active) < self.max_active:
-                    self.active.append(self._admit(self.waiting.popleft()))
-                turn = list(self.active)
-            for entry in turn:  # one token each, outside the lock: submit and cancel never wait for a step
-                self._step(*entry)
+                    self._admit(self.waiting.popleft())
+                gone = [reply for reply in self.active if reply.cancelled and not reply.done]
+            for reply in gone:  # outside the lock: submit and cancel never wait for a step
+                self.batcher.drop(reply.row)
+                reply.done = True
+            self._step()
             with self.lock:
-                finished = sum(reply.done for reply, _, _ in self.active)
+                finished = sum(reply.done for reply in self.active)
                 self.served += finished
                 if finished:
-                    self.active = [entry for entry in self.active if not entry[0].done]
+                    self.active = [reply for reply in self.active if not reply.done]
 
-    def _admit(self, reply: Reply) -> tuple[Reply, object, ReplyText | None]:
-        """A waiting reply becomes active: its token stream and its text (a failure ends it alone)."""
+    def _admit(self, reply: Reply) -> None:
+        """A waiting reply becomes active: its text and its row in the batcher (a failure ends it alone)."""
+        self.active.append(reply)
         try:
-            tokens = stream(self.model, reply.prompt, reply.decode)  # seeded by decode.seed if set
-            return reply, tokens, ReplyText(self.tok, reply.stop)
+            reply.text = ReplyText(self.tok, reply.stop)
+            reply.row = self.batcher.add(Row(reply.prompt, reply.decode, key=reply))  # seeded by decode.seed
         except Exception as e:
             self._fail(reply, e)
-            return reply, iter(()), None
 
-    def _step(self, reply: Reply, tokens, text: ReplyText | None) -> None:
-        """One turn of one reply, all of it guarded: whatever fails, fails this reply alone."""
-        if reply.done:  # its admission failed
+    def _step(self) -> None:
+        """One step of the batcher, and its tokens delivered; a step that fails as a whole fails every reply
+        in it (their slots are freed) and the thread goes on."""
+        if not len(self.batcher):
             return
         try:
-            self._advance(reply, tokens, text)
+            events = self.batcher.step()
         except Exception as e:
-            with contextlib.suppress(Exception):
-                tokens.close()
-            self._fail(reply, e)
+            for reply in self.active:
+                if not reply.done:
+                    self.batcher.drop(reply.row)
+                    self._fail(reply, e)
+            return
+        for event in events:
+            self._deliver(event)
 
-    def _advance(self, reply: Reply, tokens, text: ReplyText) -> None:
-        if reply.cancelled:
-            tokens.close()
-            reply.done = True
+    def _deliver(self, event: Event) -> None:
+        """A reply's new token (or its end) as text events, all of it guarded: a failure ends it alone."""
+        reply = event.row.key
+        if reply.done:  # its client left during the step
             return
         try:
-            token = next(tokens)  # the first call prefills the prompt
-        except StopIteration:  # a stop id, or max_new_tokens reached
-            ended = len(text.ids) >= reply.decode.max_new_tokens
-            return self._finish(reply, text, "length" if ended else "stop")
-        new = text.add(token)
-        if new:
-            self._post(reply, ("text", new))
-        if text.stopped:
-            tokens.close()
-            self._finish(reply, text, "stop")
+            if event.error is not None:
+                raise event.error
+            text = reply.text
+            if event.token is not None:
+                new = text.add(event.token)
+                if new:
+                    self._post(reply, ("text", new))
+                if text.stopped:  # a stop string: the reply ends here, whatever the batcher would do next
+                    self.batcher.drop(reply.row)
+                    return self._finish(reply, text, "stop")
+            if event.end is not None:
+                self._finish(reply, text, event.end)
+        except Exception as e:
+            self.batcher.drop(reply.row)
+            self._fail(reply, e)
 
     def _finish(self, reply: Reply, text: ReplyText, reason: str) -> None:
         held = text.rest()
@@ -197,8 +216,9 @@ class Engine:
 
     def _end_all(self, why: str) -> None:
         """End every reply, active or waiting, with a 503 (the lock is held)."""
-        for reply in [*(entry[0] for entry in self.active), *self.waiting]:
-            self._post(reply, ("error", 503, why))
+        for reply in [*self.active, *self.waiting]:
+            if not reply.done:
+                self._post(reply, ("error", 503, why))
         self.active, self.waiting = [], collections.deque()
 
     def _die(self, why: str) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from rgpt.data import CorpusError, expand_paths, read_dialogues, read_pretrain
 from rgpt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, normalise
+from rgpt.inference.batch import generate_many
 from rgpt.inference.generate import DecodeConfig, generate
 from rgpt.inference.load import ModelChoice
 from rgpt.nn.loss import IGNORE_INDEX as IGNORE
@@ -50,6 +51,9 @@ class EvalConfig:
     max_problems: int | None = None
     # windows per forward pass; 16 x 256 tokens x 10k vocab of logits is ~160 MB in float32
     batch_size: int = 16
+    # task=sft: replies decoded together (continuous batching, rgpt.inference.batch: the same replies as one
+    # at a time); 1: one by one
+    reply_batch: int = 32
     # how task=sft makes its replies
     decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=FLAT)
     # device, threads, allocator
@@ -66,6 +70,7 @@ class EvalConfig:
                 "data.path is required: the file (or directory) to evaluate on, e.g. data.path=val.txt"
             )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be a positive integer")
+        check(self.reply_batch >= 1, "reply_batch", self.reply_batch, "must be a positive integer")
         check(self.task in TASKS, "task", self.task, f"must be one of {', '.join(TASKS)}")
         check(
             self.max_problems is None or self.max_problems >= 1,
@@ -171,13 +176,40 @@ def _line_count(paths) -> int | None:
     return n
 
 
+class Replies:
+    """The model's replies to the dialogues' questions, scored against the taught answers (exact match and
+    char F1): decoded `slots` at a time by a Batcher once enough questions wait (beam search: one by one)."""
+
+    def __init__(self, model, tok, decode: DecodeConfig, slots: int):
+        self.model, self.tok, self.decode, self.slots = model, tok, decode, slots
+        self.pending: list[tuple[list[int], str]] = []  # (prompt ids, the taught answer)
+        self.exact, self.f1, self.n = 0, 0.0, 0
+
+    def add(self, prompt: list[int], answer: str) -> None:
+        self.pending.append((prompt, answer))
+        if len(self.pending) >= 4 * self.slots:  # enough to keep the slots full; memory stays flat
+            self.flush()
+
+    def flush(self) -> None:
+        prompts = [p for p, _ in self.pending]
+        if self.decode.method == "beam" or self.slots == 1:
+            outs = [generate(self.model, p, self.decode) for p in prompts]
+        else:
+            outs = generate_many(self.model, prompts, self.decode, self.slots)
+        for ids, (_, answer) in zip(outs, self.pending):
+            reply, answer = normalise(self.tok.decode(ids)), normalise(answer)
+            self.exact += reply == answer
+            self.f1 += char_f1(reply, answer)
+            self.n += 1
+        self.pending = []
+
+
 def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
     """The metrics of `model` on cfg.data_path (see the module docstring); a dict ready for JSON."""
     from tqdm import tqdm
 
     scorer, chars, passages = Scorer(model, cfg.batch_size), 0, 0
-    exact, f1, prompts = 0, 0.0, 0
-    decode = cfg.decode
+    replies = Replies(model, tok, cfg.decode, cfg.reply_batch)
     items = read_pretrain(cfg.data_path) if cfg.task == "lm" else read_dialogues(cfg.data_path)
     bar = tqdm(
         items,
@@ -202,11 +234,10 @@ def evaluate(model, tok, cfg: EvalConfig, progress: bool = True) -> dict:
             chars += len(normalise(content))
             if k == 0 or item[k - 1][0] != "user":
                 continue  # no question to answer
-            reply = tok.decode(generate(model, tok.encode_prompt(item[:k]), decode))
-            exact += normalise(reply) == normalise(content)
-            f1 += char_f1(normalise(reply), normalise(content))
-            prompts += 1
+            replies.add(tok.encode_prompt(item[:k]), content)
     scorer.flush()
+    replies.flush()
+    exact, f1, prompts = replies.exact, replies.f1, replies.n
     bar.close()
     if scorer.tokens == 0:
         raise CorpusError(f"{cfg.data_path}: nothing to score (no passages with text)")

@@ -3,13 +3,17 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rgpt.inference.conversation import note
 from rgpt.runtime.checkpoint import CheckpointError, default_for_inference, find, load_model
+from rgpt.runtime.device import resolve_precision
 
 
-def open_model(checkpoint, out_dir, device):
+def open_model(checkpoint, out_dir, device, precision: str = "fp32"):
     """(model, tokenizer, checkpoint path): `checkpoint` (a checkpoint, a run or its checkpoints/ dir) or,
-    when None, the best checkpoint of the newest SFT run under out_dir (else pretraining, with a notice)."""
+    when None, the best checkpoint of the newest SFT run under out_dir (else pretraining, with a notice).
+    precision: fp32, or bf16 (the products in bfloat16, as training's precision=bf16)."""
     if checkpoint is None:
         path = default_for_inference(out_dir, warn=lambda m: note(f"note: {m}"))
         if path is None:
@@ -26,7 +30,8 @@ def open_model(checkpoint, out_dir, device):
                 if any(found):
                     path = next(f for f in found if f)
                     break
-    model, tok, _ = load_model(path, device=device)
+    compute = torch.bfloat16 if precision == "bf16" else None
+    model, tok, _ = load_model(path, device=device, compute_dtype=compute)
     return model, tok, path
 
 
@@ -38,7 +43,12 @@ class ModelChoice:
     # pretraining, with a notice)
     checkpoint: str | None = None
     out_dir: str = "outputs"  # where training put its runs (the same default as training's out_dir)
+    # fp32 | bf16 | auto, as training's key: bf16 runs the matrix products on bfloat16 copies of the weights
+    # (half the bytes a token reads: faster with many replies at once where bf16 is native; one reply alone
+    # is faster in fp32 on CPU, see the README's serving table); auto: bf16 where the hardware has it natively
+    precision: str = "fp32"
 
     def open(self, device):
-        """(model, tokenizer, checkpoint path): see open_model."""
-        return open_model(self.checkpoint, self.out_dir, device)
+        """(model, tokenizer, checkpoint path): see open_model; precision is checked here (ConfigError)."""
+        precision = resolve_precision(self.precision, torch.device(device), log=note)
+        return open_model(self.checkpoint, self.out_dir, device, precision)

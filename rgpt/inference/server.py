@@ -46,8 +46,12 @@ class ServeConfig:
     cors_origins: list = field(default_factory=list)
     # the model's id in /v1/models and in requests; None: rgpt-<stage>-<run>-<checkpoint>, the same on every restart
     model_name: str | None = None
-    # replies decoded together, a token each in turn: all start early; more wait in the queue
+    # replies decoded together, one forward a step (continuous batching); more wait in the queue. Each holds
+    # a slot of KV caches: n_layer x 2 x block_size x n_embd x 4 bytes (model=base: 4 MiB)
     max_active: int = 32
+    # prompt tokens prefilled per step, between the decode steps of the active replies: a long prompt
+    # is taken in chunks, so it delays the others' next token by one chunk's time at most
+    prefill_chunk: int = 64
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
@@ -103,6 +107,7 @@ class ServeConfig:
 INT_RANGES = {
     "port": (0, 65535),
     "max_active": (1, None),
+    "prefill_chunk": (1, None),
     "max_queue": (0, None),
     "max_tokens_limit": (1, None),
 }
@@ -235,7 +240,7 @@ def serve(c: ServeConfig, device) -> None:
     model, tok, path = c.model.open(device)
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
-    engine = Engine(model, tok, c.max_active, c.max_queue)
+    engine = Engine(model, tok, c.max_active, c.max_queue, c.prefill_chunk)
     service = Service(
         engine=engine,
         tok=tok,

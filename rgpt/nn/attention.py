@@ -48,6 +48,12 @@ class Rotary:
         x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
+    def rotate_at(self, x, pos):  # x: (B, H, 1, D), row b at position pos[b] (decoding rows of many replies)
+        half = x.shape[-1] // 2
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (B, 1, 1, D/2)
+        x1, x2 = x[..., :half].to(cos.dtype), x[..., half:].to(cos.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
 
 def repeat_kv(x, group):  # x: (B, Hkv, T, D) -> (B, Hkv * group, T, D), each kv head serving `group` q heads
     if group == 1:
@@ -213,3 +219,29 @@ class CausalSelfAttention(Layer):
         att = torch.softmax(scores, dim=-1).to(low).to(wide)
         y = torch.matmul(att, v_all).to(low)  # (B, H, T, D)
         return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_rows(self, x, cache: KVCache, pos, n_keys: int):
+        """Inference, one new token for each of B replies at once: x (B, 1, C), row b at position pos[b]
+        (B,) of its own; rows [0, B) of the cache hold each reply's earlier keys and values. n_keys =
+        max(pos) + 1. The same products as forward_cached, each row masked at its own length: a row's
+        result does not depend on the other rows (up to the rounding of a larger product).
+        """
+        B, _, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, 1, D), (B, Hkv, 1, D) twice
+        if self.rotary is not None:
+            q, k = self.rotary.rotate_at(q, pos), self.rotary.rotate_at(k, pos)
+        low, wide = q.dtype, cache.k.dtype
+        rows = torch.arange(B, device=x.device)
+        cache.k[rows, :, pos] = k[:, :, 0].to(wide)  # (B, Hkv, D) written at each row's own position
+        cache.v[rows, :, pos] = v[:, :, 0].to(wide)
+        keys, values = cache.k[:B, :, :n_keys], cache.v[:B, :, :n_keys]  # (B, Hkv, L, D): views, no copy
+        # the query heads that share a kv head side by side, (B, Hkv, H / Hkv, D): no repeat_kv copy
+        qg = q.reshape(B, Hkv, H // Hkv, D).to(wide)
+        scores = torch.matmul(qg, keys.transpose(-2, -1)).to(low).to(wide)  # (B, Hkv, H / Hkv, L)
+        scores.mul_(1.0 / math.sqrt(D))
+        later = torch.arange(n_keys, device=x.device)[None, :] > pos[:, None]  # (B, L): not yet written
+        scores.masked_fill_(later[:, None, None], float("-inf"))
+        att = torch.softmax(scores, dim=-1).to(low).to(wide)
+        y = torch.matmul(att, values).to(low)  # (B, Hkv, H / Hkv, D)
+        return self.c_proj.forward(y.reshape(B, 1, C))

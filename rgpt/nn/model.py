@@ -144,6 +144,10 @@ class Block:
         x = x + self.attn.forward_cached(a, cache)
         return x + self.mlp.forward(self.ln_2.forward(x))
 
+    def forward_rows(self, x, cache, pos, n_keys):  # many replies' next tokens, each at its own position
+        x = x + self.attn.forward_rows(self.ln_1.forward(x), cache, pos, n_keys)
+        return x + self.mlp.forward(self.ln_2.forward(x))
+
 
 def _walk(prefix, layer):
     """Yield (dotted name, layer) for a layer and all its sublayers, depth first."""
@@ -341,3 +345,22 @@ class GPT:
         return self.lm_head.forward(
             self.ln_f.forward(x)
         )  # (B, T_new or 1, V); layer caches are left as they are
+
+    def forward_rows(self, idx, caches, pos):
+        """Logits (B, V) of one new token for each of B replies decoded together (rgpt.inference.batch).
+
+        idx (B,) long: each reply's newest token; pos (B,) long: its position, which is also how many
+        earlier tokens rows [0, B) of the caches (new_kv_caches(slots), slots >= B) hold for it. Each
+        reply's key and value are written at its own position; the caller advances its lengths.
+        """
+        n_keys = int(pos.max()) + 1
+        if n_keys > self.config.block_size:
+            raise ValueError(
+                f"KV cache overflow: position {n_keys - 1} >= block_size {self.config.block_size}"
+            )
+        x = self.wte.forward(idx[:, None])  # (B, 1, C)
+        if self.wpe is not None:
+            x = x + self.wpe[pos][:, None]
+        for block, cache in zip(self.h, caches):
+            x = block.forward_rows(x, cache, pos, n_keys)
+        return self.lm_head.forward(self.ln_f.forward(x))[:, 0]  # (B, V)

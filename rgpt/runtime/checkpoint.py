@@ -223,8 +223,11 @@ def model_config(meta: dict, path):
         raise CheckpointError(f"{Path(path) / STATE}: bad model_config ({e})") from None
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
-    """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference."""
+def load_model(path, device="cpu", dtype=torch.float32, compute_dtype=None):
+    """(model in eval mode, tokenizer, state) from a checkpoint directory, for inference.
+
+    compute_dtype=torch.bfloat16: the matrix products read bfloat16 copies of the weights, as training's
+    precision=bf16 computes them (norms, embeddings and the KV cache stay float32)."""
     from rgpt.data.vocab import load_tokenizer
     from rgpt.nn.model import GPT  # imported here: the model does not depend on checkpoints
 
@@ -234,7 +237,7 @@ def load_model(path, device="cpu", dtype=torch.float32):
         raise CheckpointError(
             f"{path} holds LoRA adapters only: merge them into a model first (python -m rgpt.lora merge {path})"
         )
-    model = GPT(model_config(meta, path), device=device, dtype=dtype)
+    model = GPT(model_config(meta, path), device=device, dtype=dtype, compute_dtype=compute_dtype)
     load_weights(model, path)
     model.eval()
     return model, load_tokenizer(path / VOCAB), meta

@@ -4,7 +4,7 @@ loopback, as in test_serve.py, sent what a careless client or another web page c
 Two servers per module. `guarded` takes its key from RGPT_API_KEY and allows one CORS origin, one more host
 name and one second to read a request: for the request checks, the cross-origin rules, slow clients and
 the fuzzing from its OpenAPI schema. `faulty` fails on purpose for two seeds (a sitecustomize on its
-PYTHONPATH wraps the engine's token stream), with two decoding slots, no queue and eight connections at
+PYTHONPATH wraps the batcher's token pick), with two decoding slots, no queue and eight connections at
 most: for the queue, the connection limit, a failing reply and, last, a decoding thread that dies."""
 
 import json
@@ -37,28 +37,27 @@ AUTH = JSON | {"Authorization": f"Bearer {KEY}"}
 ALLOWED = "http://allowed.example"
 LONG = 100_000  # tokens: a reply that cannot finish during a test (min_tokens forbids an early end)
 MAX_NEW = 16  # the guarded server's default reply length
-FAULTS = '''"""Loaded at start-up by the faulty test server's Python (on its PYTHONPATH): after two tokens the engine's
-token stream fails for seed 13 with an Exception (that reply alone fails) and for seed 666 with a
+FAULTS = '''"""Loaded at start-up by the faulty test server's Python (on its PYTHONPATH): after two tokens the batcher's
+pick fails for a reply of seed 13 with an Exception (that reply alone fails) and for seed 666 with a
 BaseException, which no reply's guard catches (the decoding thread dies)."""
-import rgpt.inference.engine
+import rgpt.inference.batch
 
-real_stream = rgpt.inference.engine.stream
+real_pick = rgpt.inference.batch.Batcher._pick
 
 
 class Fatal(BaseException):
     pass
 
 
-def stream(model, prompt, cfg, **kwargs):
-    for i, token in enumerate(real_stream(model, prompt, cfg, **kwargs)):
-        if i == 2 and cfg.seed == 13:
-            raise RuntimeError("injected fault")
-        if i == 2 and cfg.seed == 666:
-            raise Fatal("injected fault")
-        yield token
+def _pick(self, row, logits):
+    if row.generated == 2 and row.cfg.seed == 13:
+        raise RuntimeError("injected fault")
+    if row.generated == 2 and row.cfg.seed == 666:
+        raise Fatal("injected fault")
+    return real_pick(self, row, logits)
 
 
-rgpt.inference.engine.stream = stream
+rgpt.inference.batch.Batcher._pick = _pick
 '''
 
 

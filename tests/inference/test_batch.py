@@ -1,0 +1,187 @@
+"""Continuous batching (rgpt.inference.batch): replies decoded together get what each gets alone.
+
+The batched decode step against the one-reply KV-cache path, logits first (float64: equal to rounding;
+float32: within 1e-5, the contract when a larger product may round differently), then whole replies:
+greedy and seeded sampling with every filter, replies of every length joining and leaving, windows that
+slide, prompts prefilled in chunks, in every architecture, in fp32 and bf16."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from rgpt.inference.batch import Batcher, Row, generate_many
+from rgpt.inference.generate import DecodeConfig, generate
+from rgpt.nn.model import GPT, GPTConfig
+from tests.inference.test_generate import ARCHS, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARCHS_GQA = ARCHS | {"gqa-sinusoidal": {"n_kv_head": 2, "bias": False, "tie_embeddings": False}}
+DECODES = {
+    # no early end, so the windows slide; the penalty keeps a random model from one loop for every prompt
+    "greedy": DecodeConfig(max_new_tokens=30, min_new_tokens=30, repetition_penalty=2.0),
+    "sampled": DecodeConfig(
+        method="sample", seed=7, temperature=1.3, top_k=12, top_p=0.95, repetition_penalty=1.3,
+        min_new_tokens=4, max_new_tokens=25,
+    ),
+}  # fmt: skip
+
+
+def prompts(n=10, vocab=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 3, 7, 12, 20, 5, 9, 2, 4, 11, 6, 8][:n]  # 20 > block_size: only the last 3/4 are seen
+    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def lone_logits(model, prompt, token):
+    caches = model.new_kv_caches(1)
+    model.forward_cached(torch.tensor([prompt]), caches)
+    return model.forward_cached(torch.tensor([[token]]), caches)[0, -1]
+
+
+def slab_logits(model, ps, tokens, slots):
+    """One forward_rows over replies of different lengths, their prompts placed in slots [0, len(ps))."""
+    slab = model.new_kv_caches(slots)
+    for i, p in enumerate(ps):
+        mine = model.new_kv_caches(1)
+        model.forward_cached(torch.tensor([p]), mine)
+        for own, shared in zip(mine, slab):
+            shared.k[i, :, : len(p)], shared.v[i, :, : len(p)] = own.k[0, :, : len(p)], own.v[0, :, : len(p)]
+    return model.forward_rows(torch.tensor(tokens), slab, torch.tensor([len(p) for p in ps]))
+
+
+@pytest.mark.parametrize("arch", ARCHS_GQA)
+def test_a_batched_step_gives_each_reply_its_lone_logits(arch):
+    model = tiny_model(**ARCHS_GQA[arch])
+    ps = [p for p in prompts(8) if len(p) < model.config.block_size]
+    tokens = [3 + i for i in range(len(ps))]
+    got = slab_logits(model, ps, tokens, slots=len(ps) + 3)
+    for i, (p, t) in enumerate(zip(ps, tokens)):
+        torch.testing.assert_close(got[i], lone_logits(model, p, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS_GQA)
+def test_in_float32_company_changes_logits_by_less_than_1e_5(arch):
+    """float32: the 24-row product may round differently from the one-row one; by how much is bounded."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(
+        vocab_size=300, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=48, **ARCHS_GQA[arch]
+    )
+    model = GPT(cfg)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    ps = [
+        torch.randint(5, 300, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 47, (24,), generator=g)
+    ]
+    tokens = torch.randint(5, 300, (24,), generator=g).tolist()
+    got = slab_logits(model, ps, tokens, slots=32)
+    worst = max(
+        float((got[i] - lone_logits(model, p, t)).abs().max()) for i, (p, t) in enumerate(zip(ps, tokens))
+    )
+    assert worst < 1e-5
+
+
+def together(model, ps, cfgs, slots, chunk):
+    """Each prompt's reply, with its own settings, all decoded by one Batcher of `slots` slots."""
+    batcher, out, todo = Batcher(model, slots, chunk), [[] for _ in ps], list(range(len(ps)))
+    while todo or len(batcher):
+        while todo and len(batcher) < slots:
+            i = todo.pop(0)
+            batcher.add(Row(ps[i], cfgs[i], key=i))
+        for e in batcher.step():
+            assert e.error is None
+            out[e.row.key] += [] if e.token is None else [e.token]
+    return out
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("arch", ARCHS_GQA)
+def test_replies_decoded_together_equal_replies_decoded_alone(arch, decode):
+    """More prompts than slots, of every length: replies end at different steps, others join their
+    slots; the windows slide (30 tokens through a 12-token window); prompts take several chunks.
+    Sampled replies have a seed each, as requests do."""
+    model = tiny_model(vocab_size=97, sharpen=4.0, **ARCHS_GQA[arch])
+    ps = prompts(vocab=97)
+    cfgs = [
+        dataclasses.replace(DECODES[decode], seed=DECODES[decode].seed and 100 + i) for i in range(len(ps))
+    ]
+    alone = [generate(model, p, cfg) for p, cfg in zip(ps, cfgs)]
+    assert len({tuple(r) for r in alone}) > 3, "the replies should differ, or a crossed row would not show"
+    for slots, chunk in ((4, 3), (10, 64), (1, 1)):
+        assert together(model, ps, cfgs, slots, chunk) == alone, (slots, chunk)
+    assert generate_many(model, ps, cfgs[0], slots=3, prefill_chunk=5) == [
+        generate(model, p, cfgs[0]) for p in ps
+    ]
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_bfloat16_replies_together_equal_alone(decode):
+    """precision=bf16 (bfloat16 products, float32 norms and KV cache), as chat, eval and serve load it."""
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=200, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=32)
+    model = GPT(cfg, compute_dtype=torch.bfloat16)
+    for name, p in model.params.items():
+        if "weight" in name and p.dim() == 2:
+            p.mul_(6.0)  # confident logits: an untrained model's near-ties would flip on a rounding
+    model.store.load(dict(model.params))  # refresh the bfloat16 copies
+    model.eval()
+    ps = prompts(12, vocab=200, seed=4)
+    alone = [generate(model, p, DECODES[decode]) for p in ps]
+    assert generate_many(model, ps, DECODES[decode], slots=8, prefill_chunk=5) == alone
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
+    model = tiny_model(block_size=64)
+    batcher = Batcher(model, slots=4, prefill_chunk=4)
+    short = batcher.add(Row([1, 5, 6], DecodeConfig(max_new_tokens=40, min_new_tokens=40)))
+    while short.slot is None:
+        batcher.step()
+    long = batcher.add(Row(list(range(5, 23)) * 2, DecodeConfig(max_new_tokens=5)))  # 36 tokens: 9 chunks
+    for _ in range(8):
+        events = batcher.step()
+        assert [e.row for e in events] == [short], (
+            "each step: a token for the decoding reply, none for the other"
+        )
+        assert long.slot is None and len(long.todo) > 0
+    events = batcher.step()  # the last chunk: the long prompt's first token comes with the short one's next
+    assert [e.row for e in events] == [short, long] and long.slot == 1
+
+
+def test_a_failing_reply_ends_alone_and_frees_its_slot(monkeypatch):
+    model = tiny_model(sharpen=4.0)
+    batcher = Batcher(model, slots=3)
+    cfg = DecodeConfig(max_new_tokens=20, min_new_tokens=20)
+    rows = [batcher.add(Row(p, cfg)) for p in prompts(3)]
+    real = Batcher._pick
+
+    def pick(self, row, logits):
+        if row is rows[1] and row.generated == 2:
+            raise RuntimeError("boom")
+        return real(self, row, logits)
+
+    monkeypatch.setattr(Batcher, "_pick", pick)
+    got = {id(r): [] for r in rows}
+    errors = []
+    while len(batcher):
+        for e in batcher.step():
+            if e.error is not None:
+                errors.append((e.row, str(e.error)))
+            elif e.token is not None:
+                got[id(e.row)].append(e.token)
+    assert errors == [(rows[1], "boom")] and rows[1].slot is None
+    alone = [generate(model, p, cfg) for p in prompts(3)]
+    assert got[id(rows[0])] == alone[0] and got[id(rows[2])] == alone[2]
+
+
+def test_bad_rows_are_refused():
+    model = tiny_model()
+    batcher = Batcher(model, slots=1)
+    with pytest.raises(ValueError, match="empty prompt"):
+        batcher.add(Row([], DecodeConfig()))
+    with pytest.raises(ValueError, match="beam"):
+        batcher.add(Row([1], DecodeConfig(method="beam")))
+    batcher.add(Row([1], DecodeConfig()))
+    with pytest.raises(ValueError, match="slots are taken"):
+        batcher.add(Row([1], DecodeConfig()))
