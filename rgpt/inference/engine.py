@@ -20,7 +20,6 @@ at once instead of queueing replies nobody decodes.
 
 import asyncio
 import collections
-import contextlib
 import sys
 import threading
 import traceback
