@@ -1,16 +1,22 @@
-"""python scripts/load.py (--checkpoint PATH | --tiny) [--clients 32] [--max-tokens 64] [--threads 2]
-                         [--probe-batching]
+"""python scripts/load.py (--checkpoint PATH | --tiny) [--clients 1,8,16,32] [--max-tokens 64]
+                         [--threads 2] [--precision fp32] [--repo PATH] [--bare] [--label NAME]
 
-A load test of python -m rgpt.serve: starts the server on loopback, opens --clients streaming requests at
-once with distinct questions (the first user turns of the built-in SFT corpus), then asks each question
-again alone, one after another, and checks that every concurrent reply equals its lone reply (none
-crossed). Each request samples with its own seed (its index), so the replies differ from each other and
-still repeat exactly; min_tokens = max_tokens makes every reply the same length, so the figures compare.
-Prints time to first token (p50/p95), tokens/s over all clients together and per client (its tokens over
-its whole request), and the same for lone requests.
+A load test of python -m rgpt.serve with the official `openai` client: starts the server on loopback,
+then for each number of clients opens that many streaming requests at once (distinct questions: the first
+user turns of the built-in SFT corpus, each sampled with its own seed, min_tokens = max_tokens so every
+reply is as long) and reports, as a Markdown table row per count:
+
+  tokens/s of all clients together (their tokens over the wall time from the first request to the last
+  end), the median client's tokens/s, time to first token p50/p95, and inter-token latency p50/p95 (the
+  gaps between a stream's successive chunks, over all streams).
+
+At the largest count it then asks every question again alone, one after another, and checks that each
+concurrent reply equals its lone reply (none crossed, none changed by its company); a difference fails.
+--bare also times the model's own KV-cache decode in this process (rgpt.inference.generate.stream, as
+scripts/bench.py does): the server's one-client tokens/s over it is the serving overhead.
+--repo serves another checkout of rgpt (e.g. a worktree of an older commit: the "before" of a change);
+its server is given only the keys every version knows.
 --tiny serves the tests' tiny model (2 layers, 32 wide, trained in seconds) instead of a checkpoint.
---probe-batching also times decode steps of one row against many rows at once: what batching the
-active replies could gain at most.
 """
 
 import argparse
@@ -23,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' server helper and tiny model
 from rgpt.data import CORPUS_DIR  # noqa: E402
@@ -43,112 +49,145 @@ def questions(n: int) -> list[str]:
     raise SystemExit(f"only {len(seen)} questions in the corpus")
 
 
-async def ask(client, model: str, question: str, seed: int, args) -> dict:
-    """One streamed request: its text, seconds to the first text, seconds in all, tokens generated."""
+async def ask(api, model: str, question: str, seed: int, args) -> dict:
+    """One streamed request: its text, the arrival time of each chunk of text, its start, its tokens."""
     n = args.max_tokens
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "stream": True}
-    body |= {"stream_options": {"include_usage": True}, "max_tokens": n, "min_tokens": n}
-    body |= {"temperature": args.temperature, "seed": seed}
-    start, first, pieces, tokens = time.perf_counter(), None, [], None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"status {r.status_code}: {(await r.aread()).decode()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                if choice["delta"].get("content"):
-                    first = first or time.perf_counter()
-                    pieces.append(choice["delta"]["content"])
-    end = time.perf_counter()
-    return {"text": "".join(pieces), "ttft": first - start, "total": end - start, "tokens": tokens}
+    start, times, pieces, tokens = time.perf_counter(), [], [], None
+    stream = await api.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=n,
+        temperature=args.temperature,
+        seed=seed,
+        extra_body={"min_tokens": n},
+    )
+    async for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.delta.content:
+                times.append(time.perf_counter())
+                pieces.append(choice.delta.content)
+    return {"text": "".join(pieces), "start": start, "times": times, "end": time.perf_counter(), "tokens": tokens}
 
 
-def p95(xs):
-    return statistics.quantiles(xs, n=20, method="inclusive")[18]
+def pct(xs, p: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]
 
 
-async def measure(url: str, model: str, args) -> dict:
-    qs = questions(args.clients)
-    limits = httpx.Limits(max_connections=args.clients + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        together = await asyncio.gather(*(ask(client, model, q, i, args) for i, q in enumerate(qs)))
-        wall = time.perf_counter() - start
-        alone = [await ask(client, model, q, i, args) for i, q in enumerate(qs)]
-    crossed = sum(t["text"] != a["text"] for t, a in zip(together, alone))
+async def at_once(api, model: str, qs: list[str], args) -> dict:
+    start = time.perf_counter()
+    got = await asyncio.gather(*(ask(api, model, q, i, args) for i, q in enumerate(qs)))
+    wall = time.perf_counter() - start
+    ttft = [r["times"][0] - r["start"] for r in got if r["times"]]
+    gaps = [b - a for r in got for a, b in zip(r["times"], r["times"][1:])]
     return {
-        "clients": len(qs),
-        "completed": sum(r["tokens"] == args.max_tokens for r in together),
-        "crossed": crossed,
-        "distinct replies": len({r["text"] for r in alone}),
-        "ttft p50 s": statistics.median(r["ttft"] for r in together),
-        "ttft p95 s": p95([r["ttft"] for r in together]),
-        "tokens/s, all clients": sum(r["tokens"] for r in together) / wall,
-        "tokens/s per client (median)": statistics.median(r["tokens"] / r["total"] for r in together),
-        "wall s": wall,
-        "lone: ttft p50 s": statistics.median(r["ttft"] for r in alone),
-        "lone: tokens/s": statistics.median(r["tokens"] / r["total"] for r in alone),
+        "replies": got,
+        "row": {
+            "clients": len(qs),
+            "tokens/s, all": sum(r["tokens"] or 0 for r in got) / wall,
+            "tokens/s, median client": statistics.median((r["tokens"] or 0) / (r["end"] - r["start"]) for r in got),
+            "TTFT p50 ms": 1000 * pct(ttft, 50),
+            "TTFT p95 ms": 1000 * pct(ttft, 95),
+            "ITL p50 ms": 1000 * pct(gaps, 50) if gaps else float("nan"),
+            "ITL p95 ms": 1000 * pct(gaps, 95) if gaps else float("nan"),
+            "complete": sum(r["tokens"] == args.max_tokens for r in got),
+        },
     }
 
 
-def batching_probe(checkpoint, threads: int, rows: int, steps: int = 48) -> dict:
-    """What batching the active replies could gain at most: ms per token of one decode step of one row
-    (how the server decodes, a reply at a time) against one step of `rows` rows together (the same
-    position in every row; real batching would also need a position and a mask per row)."""
+async def measure(url: str, model: str, args) -> tuple[list[dict], int]:
+    """A table row for each client count, and how many replies changed in company (at the largest)."""
+    api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    counts = sorted(args.clients)
+    await ask(api, model, "你好", 0, args)  # warm-up: the first request's one-off costs are not a figure
+    rows, together = [], None
+    for n in counts:
+        got = await at_once(api, model, questions(n), args)
+        rows.append(got["row"])
+        together = got["replies"]
+        print(f"  {n} clients: {got['row']['tokens/s, all']:.0f} tokens/s", file=sys.stderr, flush=True)
+    alone = [await ask(api, model, q, i, args) for i, q in enumerate(questions(counts[-1]))]
+    crossed = sum(t["text"] != a["text"] for t, a in zip(together, alone))
+    if len({a["text"] for a in alone}) < len(alone) // 2:
+        raise SystemExit("too few distinct replies to tell crossed streams apart")
+    await api.close()
+    return rows, crossed
+
+
+def bare_decode(checkpoint, args) -> float:
+    """Tokens/s of the model's own KV-cache decode (one reply, greedy, as scripts/bench.py times it)."""
     import torch
 
-    from rgpt.inference.generate import Window
+    from rgpt.inference.generate import DecodeConfig, generate
     from rgpt.inference.load import open_model
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     with torch.no_grad():
-        model, _, _ = open_model(checkpoint, None, torch.device("cpu"))
-        V, T = model.config.vocab_size, model.config.block_size
-        ms = {}
-        for batch in (1, rows):
-            window = Window(model, batch)
-            window.extend(torch.randint(6, V, (batch, T // 4)))  # a prompt a quarter of the window long
+        model, tok, _ = open_model(checkpoint, None, "cpu", args.precision)
+        prompt = tok.encode_prompt([("user", questions(1)[0])])
+        n = args.max_tokens
+        cfg = DecodeConfig(max_new_tokens=n, min_new_tokens=n)
+        generate(model, prompt, cfg)
+        times = []
+        for _ in range(5):
             start = time.perf_counter()
-            for _ in range(steps):
-                window.extend(torch.randint(6, V, (batch, 1)))
-            ms[batch] = (time.perf_counter() - start) / steps / batch * 1000
-    return {"ms/token, a reply at a time": ms[1], f"ms/token, {rows} rows batched": ms[rows]}
+            generate(model, prompt, cfg)
+            times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.0f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[3])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a checkpoint, run or checkpoints/ directory")
     which.add_argument("--tiny", action="store_true", help="the tests' tiny model")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", default="1,8,16,32", help="client counts, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (min_tokens too)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
-    parser.add_argument("--probe-batching", action="store_true", help="also time batched decode steps")
+    parser.add_argument("--precision", default="fp32", help="the server's precision= (fp32, bf16)")
+    parser.add_argument("--repo", help="serve this checkout of rgpt instead (its server gets no precision=)")
+    parser.add_argument("--bare", action="store_true", help="also time the bare KV-cache decode")
+    parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if args.tiny:
             from tests.fixtures_ckpt import save_tiny
 
             checkpoint = save_tiny(Path(tmp))
-        server = Server(
-            f"checkpoint={checkpoint}", f"max_active={args.clients}", threads=args.threads, cwd=tmp
-        )
+        keys = [f"checkpoint={Path(checkpoint).resolve()}", f"max_active={max(args.clients)}"]
+        keys += [] if args.repo else [f"precision={args.precision}"]
+        env = {"PYTHONPATH": str(Path(args.repo).resolve())} if args.repo else None
+        server = Server(*keys, threads=args.threads, cwd=tmp, env=env)
         try:
-            result = asyncio.run(measure(server.url, server.model, args))
+            rows, crossed = asyncio.run(measure(server.url, server.model, args))
         finally:
             code, stderr = server.stop()
-        if args.probe_batching:
-            result |= batching_probe(checkpoint, args.threads, args.clients)
-    print(f"model {server.model} ({checkpoint}), {args.max_tokens} tokens a reply")
-    for key, value in result.items():
-        print(f"  {key:30} {value:.3f}" if isinstance(value, float) else f"  {key:30} {value}")
-    if result["crossed"] or result["completed"] != result["clients"] or code != 0:
+        bare = bare_decode(checkpoint, args) if args.bare else None
+    print(f"\n{args.label or 'server'}: {server.model} ({checkpoint}), {args.max_tokens} tokens a reply, "
+          f"threads={args.threads}, precision={'(default)' if args.repo else args.precision}")
+    print(table(rows))
+    one = rows[0]["tokens/s, all"] if rows[0]["clients"] == 1 else None
+    for r in rows:
+        if one and r["clients"] > 1:
+            print(f"  {r['clients']} clients: {r['tokens/s, all'] / one:.2f}x one client's tokens/s")
+    if bare:
+        print(f"  bare KV-cache decode: {bare:.0f} tokens/s" + (f"; one client through the server: {one / bare:.0%} of it" if one else ""))
+    print(f"  replies that changed in company of {max(args.clients)}: {crossed}")
+    if crossed or any(r["complete"] != r["clients"] for r in rows) or code != 0:
         print(f"FAILED (server exit {code}):\n{stderr}", file=sys.stderr)
         sys.exit(1)
 

@@ -125,28 +125,25 @@ async def chunks(reply: Reply, s: Service, head: dict, include_usage: bool):
     try:
         yield chunk({"role": "assistant"})
         while True:
-            event = await reply.events.get()
+            # what has arrived since the last write goes out in one write (each event still its own chunk)
+            events = [await reply.events.get()]
+            while not reply.events.empty() and events[-1][0] == "text":
+                events.append(reply.events.get_nowait())
+            out = "".join(chunk({"content": e[1]}) for e in events if e[0] == "text")
+            event = events[-1]
             if event[0] == "text":
-                yield chunk({"content": event[1]})
-            elif event[0] == "error":  # the status line has gone: the error travels as an event
-                yield sse(
-                    {"error": {"message": event[2], "type": "server_error", "param": None, "code": None}}
-                )
-                break
+                yield out
+                continue
+            if event[0] == "error":  # the status line has gone: the error travels as an event
+                out += sse({"error": {"message": event[2], "type": "server_error", "param": None, "code": None}})
             else:
                 _, reason, n = event
-                yield chunk({}, reason)
+                out += chunk({}, reason)
                 if include_usage:
-                    yield sse(
-                        {
-                            **head,
-                            "object": "chat.completion.chunk",
-                            "choices": [],
-                            "usage": usage(len(reply.prompt), n),
-                        }
-                    )
-                break
-        yield "data: [DONE]\n\n"
+                    body = {**head, "object": "chat.completion.chunk", "choices": []}
+                    out += sse(body | {"usage": usage(len(reply.prompt), n)})
+            yield out + "data: [DONE]\n\n"
+            break
     finally:  # also when the client disconnects: Starlette cancels this generator, the reply is dropped
         s.engine.cancel(reply)
 

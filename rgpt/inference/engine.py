@@ -68,6 +68,7 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.failure: str | None = None  # why the decoding thread died, if it did
+        self.outbox: list[tuple[Reply, tuple]] = []  # events not yet handed to the event loop (_flush)
         self.thread = threading.Thread(target=self._run, name="rgpt-decode", daemon=True)
 
     def start(self) -> None:
@@ -139,6 +140,7 @@ class Engine:
                     self.lock.wait()
                 if self.stopping:
                     self._end_all("the server is shutting down")
+                    self._flush()
                     return
                 while self.waiting and len(self.active) < self.max_active:
                     self._admit(self.waiting.popleft())
@@ -147,6 +149,7 @@ class Engine:
                 self.batcher.drop(reply.row)
                 reply.done = True
             self._step()
+            self._flush()
             with self.lock:
                 finished = sum(reply.done for reply in self.active)
                 self.served += finished
@@ -229,10 +232,27 @@ class Engine:
         with self.lock:
             self.failure = why
             self._end_all(f"the decoding thread has stopped ({why})")
+            self._flush()
 
-    @staticmethod
-    def _post(reply: Reply, event: tuple) -> None:
-        try:
-            reply.loop.call_soon_threadsafe(reply.events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed (the server is shutting down)
-            reply.cancelled = True
+    def _post(self, reply: Reply, event: tuple) -> None:
+        """Hold an event for its reply until _flush: a step's events cross to the event loop together."""
+        self.outbox.append((reply, event))
+
+    def _flush(self) -> None:
+        """Hand the held events to their event loops: one wake-up of each loop per step, not per token."""
+        by_loop: dict = {}
+        for reply, event in self.outbox:
+            by_loop.setdefault(reply.loop, []).append((reply, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # the event loop has closed (the server is shutting down)
+                for reply, _ in items:
+                    reply.cancelled = True
+
+
+def _hand_over(items: list) -> None:
+    """On the event loop: each event into its reply's queue."""
+    for reply, event in items:
+        reply.events.put_nowait(event)

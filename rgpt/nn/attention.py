@@ -220,11 +220,12 @@ class CausalSelfAttention(Layer):
         y = torch.matmul(att, v_all).to(low)  # (B, H, T, D)
         return self.c_proj.forward(y.transpose(1, 2).reshape(B, T, C))
 
-    def forward_rows(self, x, cache: KVCache, pos, n_keys: int):
+    def forward_rows(self, x, cache: KVCache, pos, later):
         """Inference, one new token for each of B replies at once: x (B, 1, C), row b at position pos[b]
-        (B,) of its own; rows [0, B) of the cache hold each reply's earlier keys and values. n_keys =
-        max(pos) + 1. The same products as forward_cached, each row masked at its own length: a row's
-        result does not depend on the other rows (up to the rounding of a larger product).
+        (B,) of its own; rows [0, B) of the cache hold each reply's earlier keys and values. later (B, L)
+        bool, L = max(pos) + 1: True at the positions a row has not reached (GPT.forward_rows makes it
+        once for all layers). The same products as forward_cached, each row masked at its own length: a
+        row's result does not depend on the other rows (up to the rounding of a larger product).
         """
         B, _, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_size
@@ -235,12 +236,12 @@ class CausalSelfAttention(Layer):
         rows = torch.arange(B, device=x.device)
         cache.k[rows, :, pos] = k[:, :, 0].to(wide)  # (B, Hkv, D) written at each row's own position
         cache.v[rows, :, pos] = v[:, :, 0].to(wide)
+        n_keys = later.shape[1]
         keys, values = cache.k[:B, :, :n_keys], cache.v[:B, :, :n_keys]  # (B, Hkv, L, D): views, no copy
         # the query heads that share a kv head side by side, (B, Hkv, H / Hkv, D): no repeat_kv copy
         qg = q.reshape(B, Hkv, H // Hkv, D).to(wide)
         scores = torch.matmul(qg, keys.transpose(-2, -1)).to(low).to(wide)  # (B, Hkv, H / Hkv, L)
         scores.mul_(1.0 / math.sqrt(D))
-        later = torch.arange(n_keys, device=x.device)[None, :] > pos[:, None]  # (B, L): not yet written
         scores.masked_fill_(later[:, None, None], float("-inf"))
         att = torch.softmax(scores, dim=-1).to(low).to(wide)
         y = torch.matmul(att, values).to(low)  # (B, Hkv, H / Hkv, D)

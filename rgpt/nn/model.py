@@ -144,8 +144,8 @@ class Block:
         x = x + self.attn.forward_cached(a, cache)
         return x + self.mlp.forward(self.ln_2.forward(x))
 
-    def forward_rows(self, x, cache, pos, n_keys):  # many replies' next tokens, each at its own position
-        x = x + self.attn.forward_rows(self.ln_1.forward(x), cache, pos, n_keys)
+    def forward_rows(self, x, cache, pos, later):  # many replies' next tokens, each at its own position
+        x = x + self.attn.forward_rows(self.ln_1.forward(x), cache, pos, later)
         return x + self.mlp.forward(self.ln_2.forward(x))
 
 
@@ -361,6 +361,7 @@ class GPT:
         x = self.wte.forward(idx[:, None])  # (B, 1, C)
         if self.wpe is not None:
             x = x + self.wpe[pos][:, None]
+        later = torch.arange(n_keys, device=pos.device)[None, :] > pos[:, None]  # (B, L): not written yet
         for block, cache in zip(self.h, caches):
-            x = block.forward_rows(x, cache, pos, n_keys)
+            x = block.forward_rows(x, cache, pos, later)
         return self.lm_head.forward(self.ln_f.forward(x))[:, 0]  # (B, V)
