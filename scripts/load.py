@@ -70,7 +70,13 @@ async def ask(api, model: str, question: str, seed: int, args) -> dict:
             if choice.delta.content:
                 times.append(time.perf_counter())
                 pieces.append(choice.delta.content)
-    return {"text": "".join(pieces), "start": start, "times": times, "end": time.perf_counter(), "tokens": tokens}
+    return {
+        "text": "".join(pieces),
+        "start": start,
+        "times": times,
+        "end": time.perf_counter(),
+        "tokens": tokens,
+    }
 
 
 def pct(xs, p: int) -> float:
@@ -88,7 +94,9 @@ async def at_once(api, model: str, qs: list[str], args) -> dict:
         "row": {
             "clients": len(qs),
             "tokens/s, all": sum(r["tokens"] or 0 for r in got) / wall,
-            "tokens/s, median client": statistics.median((r["tokens"] or 0) / (r["end"] - r["start"]) for r in got),
+            "tokens/s, median client": statistics.median(
+                (r["tokens"] or 0) / (r["end"] - r["start"]) for r in got
+            ),
             "TTFT p50 ms": 1000 * pct(ttft, 50),
             "TTFT p95 ms": 1000 * pct(ttft, 95),
             "ITL p50 ms": 1000 * pct(gaps, 50) if gaps else float("nan"),
@@ -143,7 +151,9 @@ def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{v:.0f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        lines.append(
+            "| " + " | ".join(f"{v:.0f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -177,15 +187,20 @@ def main() -> None:
         finally:
             code, stderr = server.stop()
         bare = bare_decode(checkpoint, args) if args.bare else None
-    print(f"\n{args.label or 'server'}: {server.model} ({checkpoint}), {args.max_tokens} tokens a reply, "
-          f"threads={args.threads}, precision={'(default)' if args.repo else args.precision}")
+    print(
+        f"\n{args.label or 'server'}: {server.model} ({checkpoint}), {args.max_tokens} tokens a reply, "
+        f"threads={args.threads}, precision={'(default)' if args.repo else args.precision}"
+    )
     print(table(rows))
     one = rows[0]["tokens/s, all"] if rows[0]["clients"] == 1 else None
     for r in rows:
         if one and r["clients"] > 1:
             print(f"  {r['clients']} clients: {r['tokens/s, all'] / one:.2f}x one client's tokens/s")
     if bare:
-        print(f"  bare KV-cache decode: {bare:.0f} tokens/s" + (f"; one client through the server: {one / bare:.0%} of it" if one else ""))
+        print(
+            f"  bare KV-cache decode: {bare:.0f} tokens/s"
+            + (f"; one client through the server: {one / bare:.0%} of it" if one else "")
+        )
     print(f"  replies that changed in company of {max(args.clients)}: {crossed}")
     if crossed or any(r["complete"] != r["clients"] for r in rows) or code != 0:
         print(f"FAILED (server exit {code}):\n{stderr}", file=sys.stderr)

@@ -135,7 +135,9 @@ async def chunks(reply: Reply, s: Service, head: dict, include_usage: bool):
                 yield out
                 continue
             if event[0] == "error":  # the status line has gone: the error travels as an event
-                out += sse({"error": {"message": event[2], "type": "server_error", "param": None, "code": None}})
+                out += sse(
+                    {"error": {"message": event[2], "type": "server_error", "param": None, "code": None}}
+                )
             else:
                 _, reason, n = event
                 out += chunk({}, reason)

@@ -37,9 +37,13 @@ def no_traceback(proc):
 
 
 # ---- one-shot and piped runs of the real CLI ----------------------------------------------------------
-def test_one_shot_prints_only_the_reply(tiny_run, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_shot_prints_only_the_reply(tiny_run, tmp_path, precision):
+    """In fp32 and bf16 alike (precision=: bfloat16 products, as training computes them under bf16)."""
     out_dir, _ = tiny_run
-    proc = run_cli("chat", f"out_dir={out_dir}", f"prompt={Q_MOUNTAIN}", cwd=tmp_path)
+    proc = run_cli(
+        "chat", f"out_dir={out_dir}", f"prompt={Q_MOUNTAIN}", f"precision={precision}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ANSWERS[Q_MOUNTAIN] + "\n", "stdout must hold the reply only, with no spaces"
     assert list(tmp_path.iterdir()) == [], "chat must write no files (no .hydra/, no log)"
@@ -74,6 +78,7 @@ def test_falls_back_to_pretraining_with_a_notice(tmp_path):
         (["out_dir=nowhere"], "python -m rgpt.train stage=pretrain"),
         (["checkpoint=missing/best-00000001"], "checkpoint not found"),
         (["method=nucleus"], "method='nucleus' is not one of"),
+        (["precision=fp16"], "precision='fp16' is not one of auto, fp32, bf16"),
         (["prompt="], "prompt is empty"),
         (["colour=blue"], "colour"),  # Hydra's own message: "Could not override 'colour'. …"
     ],

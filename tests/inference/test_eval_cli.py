@@ -61,7 +61,11 @@ def test_lm_json_line_on_a_file_with_known_content(tiny_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val.txt"], "eval must write no files"
 
 
-def test_sft_reports_exact_match_and_char_f1(tiny_run, tmp_path):
+@pytest.mark.parametrize(
+    "how", [[], ["reply_batch=1"], ["precision=bf16"]], ids=["batched", "one-by-one", "bf16"]
+)
+def test_sft_reports_exact_match_and_char_f1(tiny_run, tmp_path, how):
+    """The replies decoded 32 at a time (the default), one by one, and in bf16: the same scores."""
     out_dir, ckpt = tiny_run
     dialogues = [d for d in fixtures_ckpt.DIALOGUES if len(d) == 2 and d[0][1] != "一年有几个季节？"]
     dialogues += [[("user", "一年有几个季节？"), ("assistant", "一年有五个季节。")]]  # a wrong reference
@@ -71,7 +75,7 @@ def test_sft_reports_exact_match_and_char_f1(tiny_run, tmp_path):
         for d in dialogues
     ]
     (tmp_path / "sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc = run_cli("eval", f"checkpoint={ckpt}", "data.path=sft.jsonl", "task=sft", cwd=tmp_path)
+    proc = run_cli("eval", f"checkpoint={ckpt}", "data.path=sft.jsonl", "task=sft", *how, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     got = last_json(proc.stdout)
     assert list(got) == KEYS + ["exact_match", "char_f1"]
