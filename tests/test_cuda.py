@@ -83,6 +83,23 @@ def test_kv_cache_on_cuda_matches_full_recomputation():
     assert_close(torch.cat(steps, dim=1), full, "cached logits")
 
 
+@pytest.mark.parametrize("compute", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_replies_decoded_together_on_cuda_equal_replies_alone(compute):
+    """Continuous batching (rgpt.inference.batch) on the GPU: per-row positions, masks and slots."""
+    from rgpt.inference.batch import generate_many
+    from rgpt.inference.generate import DecodeConfig, generate
+    from tests.inference.test_batch import prompts
+    from tests.inference.test_generate import tiny_model
+
+    cpu = tiny_model(vocab_size=97, sharpen=4.0, pos="rope", n_kv_head=2)
+    model = _on(cpu, "cuda", compute_dtype=compute)
+    model.eval()
+    cfg = DecodeConfig(method="sample", seed=5, max_new_tokens=25, repetition_penalty=1.3)
+    ps = prompts(vocab=97)
+    alone = [generate(model, p, cfg) for p in ps]
+    assert generate_many(model, ps, cfg, slots=4, prefill_chunk=3) == alone
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_cli_on_cuda_then_resume_on_cpu(tmp_path, precision):
