@@ -105,7 +105,19 @@ def next_token(logits, cfg: DecodeConfig, seen=None, generator=None):
     if cfg.method == "greedy" or cfg.temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return torch.multinomial(_softmax(logits), 1, generator=generator).squeeze(-1)
+    return draw(_softmax(logits), generator)
+
+
+def draw(probs, generator=None):
+    """(B, V) probabilities -> (B,) ids, one draw from each row: the first id whose cumulative probability
+    exceeds u x the row's total, for one uniform u per row (inverting the CDF, in float64). The same
+    distribution as torch.multinomial, which draws V exponential numbers per row instead of one (500 us
+    a token with an 8k vocabulary on CPU, more than model=small's whole decode step)."""
+    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    # a zero-probability id can only come from rounding at the very top of the CDF: take the likeliest
+    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

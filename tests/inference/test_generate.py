@@ -13,6 +13,7 @@ from rgpt.inference.generate import (
     DecodeConfig,
     Window,
     beam_search,
+    draw,
     generate,
     make_generator,
     next_token,
@@ -207,6 +208,22 @@ def test_sampling_draws_only_survivors_and_is_seedable():
     top1 = DecodeConfig(method="sample", top_k=1)
     greedy_like = next_token(logits, top1, generator=make_generator(5, "cpu"))
     assert set(greedy_like.tolist()) == {1}, "top_k=1 sampling is greedy"
+
+
+def test_draw_inverts_the_cdf_row_by_row_with_the_right_frequencies(monkeypatch):
+    n = 40_000
+    rows = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    probs = rows.repeat(n, 1) * 3.0  # unnormalised: the draw scales by each row's total
+    ids = draw(probs, make_generator(1, "cpu")).view(n, 2)
+    for j in range(2):
+        freq = torch.bincount(ids[:, j], minlength=6).double() / n
+        assert torch.all(freq[rows[j] == 0] == 0), "an id of probability 0 was drawn"
+        # each share within 5 standard deviations (sqrt(p (1 - p) / n) <= 0.0025)
+        torch.testing.assert_close(freq, rows[j].double(), rtol=0, atol=0.0125)
+    # u x total rounded up to the total points past the last id or at a trailing zero: never drawn
+    for u in (1 - 2**-53, 1.0):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((a[0], 1), u, dtype=torch.float64))
+        assert draw(torch.tensor([[0.3, 0.7, 0.0]])).tolist() == [1]
 
 
 def test_seeded_generation_is_reproducible():
