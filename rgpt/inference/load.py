@@ -32,6 +32,7 @@ def open_model(checkpoint, out_dir, device, precision: str = "fp32"):
                     break
     compute = torch.bfloat16 if precision == "bf16" else None
     model, tok, _ = load_model(path, device=device, compute_dtype=compute)
+    model.pack_for_inference()  # bf16 on CPU: weights in oneDNN's layout (the same numbers, faster)
     return model, tok, path
 
 

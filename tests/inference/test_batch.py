@@ -116,20 +116,50 @@ def test_replies_decoded_together_equal_replies_decoded_alone(arch, decode):
     ]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("decode", DECODES)
-def test_bfloat16_replies_together_equal_alone(decode):
-    """precision=bf16 (bfloat16 products, float32 norms and KV cache), as chat, eval and serve load it."""
-    torch.manual_seed(3)
-    cfg = GPTConfig(vocab_size=200, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=32)
-    model = GPT(cfg, compute_dtype=torch.bfloat16)
-    for name, p in model.params.items():
-        if "weight" in name and p.dim() == 2:
-            p.mul_(6.0)  # confident logits: an untrained model's near-ties would flip on a rounding
-    model.store.load(dict(model.params))  # refresh the bfloat16 copies
-    model.eval()
+def test_bfloat16_replies_together_equal_alone(decode, packed):
+    """precision=bf16 (bfloat16 products, float32 norms and KV cache), as chat, eval and serve load it
+    (packed: weights in oneDNN's layout, as they open it on CPU)."""
+    model = bf16_model()
+    if packed and not model.pack_for_inference():
+        pytest.skip("no oneDNN")
     ps = prompts(12, vocab=200, seed=4)
     alone = [generate(model, p, DECODES[decode]) for p in ps]
     assert generate_many(model, ps, DECODES[decode], slots=8, prefill_chunk=5) == alone
+
+
+def bf16_model(vocab_size=200, **arch):
+    """A random model with bfloat16 products whose logits are confident (no near-ties to flip)."""
+    torch.manual_seed(3)
+    cfg = GPTConfig(
+        vocab_size=vocab_size, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=32, **arch
+    )
+    model = GPT(cfg, compute_dtype=torch.bfloat16)
+    for name, p in model.params.items():
+        if "weight" in name and p.dim() == 2:
+            p.mul_(6.0)
+    model.store.load(dict(model.params))  # refresh the bfloat16 copies
+    model.eval()
+    return model
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("arch", ["default", "all"])
+def test_packed_bfloat16_weights_give_the_same_numbers_for_any_number_of_rows(arch):
+    """Linear.pack (inference, bf16, CPU): the same products bit for bit as the plain bfloat16 ones, and a
+    row's product does not depend on how many rows share it (so bf16 decoding is batch-invariant there)."""
+    model = bf16_model(**ARCHS[arch])
+    idx = torch.randint(0, 200, (3, 9))
+    linears = [layer for _, layer in model._named_layers() if hasattr(layer, "pack")]
+    xs = [torch.randn(9, layer.params["weight"].shape[1]) for layer in linears]
+    plain_logits, plain = model.forward(idx), [layer.forward(x) for layer, x in zip(linears, xs)]
+    assert model.pack_for_inference() == len(linears) and all(layer.packed is not None for layer in linears)
+    assert torch.equal(model.forward(idx), plain_logits)
+    for layer, x, y in zip(linears, xs, plain):
+        assert torch.equal(layer.forward(x), y)
+        for rows in (1, 2, 5):
+            assert torch.equal(layer.forward(x[:rows]), y[:rows]), "a row's product changed with its company"
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():

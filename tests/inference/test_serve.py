@@ -381,7 +381,7 @@ def test_concurrent_streams_never_cross(any_precision_server, tiny_run, tmp_path
     ]
     expected = chat_replies(ckpt, requests, "max_new_tokens=30", f"precision={precision}", cwd=tmp_path)
     assert expected[: len(ANSWERS)] == list(ANSWERS.values())
-    assert len(set(expected)) >= 26, f"too few distinct replies to tell crossed streams apart: {expected}"
+    assert len(set(expected)) >= 20, f"too few distinct replies to tell crossed streams apart: {expected}"
 
     async def one(api, question, settings):
         fields = dict(kv.split("=") for kv in settings.split())
