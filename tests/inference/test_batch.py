@@ -12,6 +12,7 @@ import torch
 
 from rgpt.inference.batch import Batcher, Row, generate_many
 from rgpt.inference.generate import DecodeConfig, generate
+from rgpt.nn.layers import FEW_ROWS
 from rgpt.nn.model import GPT, GPTConfig
 from tests.inference.test_generate import ARCHS, tiny_model
 
@@ -61,15 +62,19 @@ def test_a_batched_step_gives_each_reply_its_lone_logits(arch):
         torch.testing.assert_close(got[i], lone_logits(model, p, t), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("arch", ARCHS_GQA)
-def test_in_float32_company_changes_logits_by_less_than_1e_5(arch):
-    """float32: the 24-row product may round differently from the one-row one; by how much is bounded."""
+def test_in_float32_company_changes_logits_by_less_than_1e_5(arch, packed):
+    """float32: the 24-row product may round differently from the one-row one; by how much is bounded
+    (packed: as chat, eval and serve open a model on CPU)."""
     torch.manual_seed(1)
     cfg = GPTConfig(
         vocab_size=300, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=48, **ARCHS_GQA[arch]
     )
     model = GPT(cfg)
     model.eval()
+    if packed and not model.pack_for_inference():
+        pytest.skip("no oneDNN")
     g = torch.Generator().manual_seed(2)
     ps = [
         torch.randint(5, 300, (int(n),), generator=g).tolist()
@@ -160,6 +165,26 @@ def test_packed_bfloat16_weights_give_the_same_numbers_for_any_number_of_rows(ar
         assert torch.equal(layer.forward(x), y)
         for rows in (1, 2, 5):
             assert torch.equal(layer.forward(x[:rows]), y[:rows]), "a row's product changed with its company"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_float32_weights_serve_many_rows_and_leave_few_rows_alone():
+    """float32: more than FEW_ROWS rows (replies decoded together) read the packed weight, the same
+    products up to rounding; a row's product is the same in any such company; fewer rows are untouched."""
+    torch.manual_seed(5)
+    cfg = GPTConfig(vocab_size=300, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=48)
+    model = GPT(cfg)
+    model.eval()
+    linears = [layer for _, layer in model._named_layers() if hasattr(layer, "pack")]
+    xs = [torch.randn(24, layer.params["weight"].shape[1]) for layer in linears]
+    plain = [layer.forward(x) for layer, x in zip(linears, xs)]
+    few = [layer.forward(x[:FEW_ROWS]) for layer, x in zip(linears, xs)]
+    assert model.pack_for_inference() == len(linears)
+    for layer, x, y, y_few in zip(linears, xs, plain, few):
+        torch.testing.assert_close(layer.forward(x), y, rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer.forward(x[:FEW_ROWS]), y_few)
+        for rows in (FEW_ROWS + 1, 9, 16):
+            assert torch.equal(layer.forward(x[:rows]), layer.forward(x)[:rows])
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
