@@ -263,6 +263,7 @@ def bench_generation(args, device, V):
                 rows.append([name, prec, "—", f"n/a ({e})", "—", "—", "—", "—"])
                 continue
             model.eval()
+            model.pack_for_inference()  # as chat, eval and serve open a model (oneDNN's layout on CPU)
             g = torch.Generator().manual_seed(1)
             prompt = torch.randint(7, V, (args.prompt_len,), generator=g).tolist()
             for n_new in args.new_tokens:
