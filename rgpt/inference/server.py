@@ -52,6 +52,9 @@ class ServeConfig:
     # prompt tokens prefilled per step, between the decode steps of the active replies: a long prompt
     # is taken in chunks, so it delays the others' next token by one chunk's time at most
     prefill_chunk: int = 64
+    # seconds: a stream's new text goes to the web side at most this often while more is being decoded (a
+    # first token and an end at once): each hand-over costs the decoding thread a turn of the GIL. 0: every step
+    stream_interval: float = 0.005
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
@@ -93,6 +96,8 @@ class ServeConfig:
             raise ConfigError("api_key is empty: give a key, or null for none")
         t = self.request_timeout
         check(0 < t <= 3600, "request_timeout", t, "must be a number of seconds in (0, 3600]")
+        t = self.stream_interval
+        check(0 <= t <= 1, "stream_interval", t, "must be a number of seconds in [0, 1]")
         self.cors_origins = [str(o).strip().lower() for o in self.cors_origins]
         for origin in self.cors_origins:
             if not ORIGIN.fullmatch(origin):
@@ -240,7 +245,7 @@ def serve(c: ServeConfig, device) -> None:
     model, tok, path = c.model.open(device)
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
-    engine = Engine(model, tok, c.max_active, c.max_queue, c.prefill_chunk)
+    engine = Engine(model, tok, c.max_active, c.max_queue, c.prefill_chunk, c.stream_interval)
     service = Service(
         engine=engine,
         tok=tok,

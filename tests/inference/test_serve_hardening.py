@@ -165,6 +165,8 @@ def test_the_new_settings_are_checked():
         ({"cors_origins": ALLOWED}, f"cors_origins={ALLOWED!r} is not a list"),
         ({"cors_origins": [ALLOWED + "/"]}, "is not an origin like http://localhost:3000"),
         ({"allowed_hosts": ["http://rgpt.test"]}, "is not a host name"),
+        ({"prefill_chunk": 0}, "prefill_chunk=0: must be an integer >= 1"),
+        ({"stream_interval": -0.1}, "stream_interval=-0.1: must be a number of seconds in [0, 1]"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(ServeConfig, given)
