@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rgpt.inference.generate import END_OF_TURN, DecodeConfig, make_generator, next_token
+from rgpt.inference.generate import (
+    END_OF_TURN,
+    MIN_TEMPERATURE,
+    DecodeConfig,
+    draw,
+    make_generator,
+    next_token,
+    softmax_wide,
+)
 
 
 @dataclass(eq=False)
@@ -106,9 +114,7 @@ class Batcher:
     def step(self) -> list[Event]:
         """One prefill chunk and one decode step; the events of every reply that got a token or ended."""
         failed: list[Event] = []
-        ready = self._prefill(
-            failed
-        )  # [(row, logits (1, V))]: replies whose prompt is now all in their caches
+        ready = self._prefill(failed)  # [(row, logits (1, V))]: the replies whose prompt is all in now
         picks = []
         if self.rows:
             idx = torch.tensor([r.token for r in self.rows], device=self.model.device)
@@ -120,7 +126,8 @@ class Batcher:
         for row, logits in ready:
             self._join(row)
             picks.append((row, logits))
-        return failed + [self._guarded(self._pick, row, logits) for row, logits in picks]
+        shared = self._shared_work(picks)
+        return failed + [self._guarded(self._pick, row, logits, shared.get(row)) for row, logits in picks]
 
     def _guarded(self, work, row: Row, *args):
         """work(row, *args), or the reply's error event: what fails for one reply ends that reply alone."""
@@ -173,13 +180,49 @@ class Batcher:
             self.rows[i], last.slot = last, i
         row.slot = None
 
-    def _pick(self, row: Row, logits) -> Event:
-        """The reply's next token, as stream() picks it; it ends at a stop id or after max_new_tokens."""
+    @staticmethod
+    def _shared_work(picks: list) -> dict:
+        """The costly part of picking, done once for all the rows that pick plainly (no penalty, no top-k or
+        top-p, past min_new_tokens): {row: its argmax} for greedy rows, {row: (probabilities, their float64
+        CDF)} for sampled ones, one softmax and one cumsum per temperature. Row by row, 32 draws cost more
+        than model=small's decode step. The same numbers next_token computes for each row alone: each op
+        treats the rows alike, and the logits are divided by the same Python float."""
+        greedy, sampled = [], {}
+        for i, (row, _) in enumerate(picks):
+            c = row.cfg
+            if c.repetition_penalty != 1.0 or row.generated < c.min_new_tokens:
+                continue
+            if c.method == "greedy" or c.temperature < MIN_TEMPERATURE:
+                greedy.append(i)
+            elif c.top_k == 0 and c.top_p >= 1.0:
+                sampled.setdefault(c.temperature, []).append(i)
+        if not greedy and not sampled:
+            return {}
+        logits = torch.cat([lg for _, lg in picks])  # (n, V)
+        out = {}
+        if greedy:
+            ids = logits[greedy].argmax(dim=-1).tolist()
+            out |= {picks[i][0]: ids[j] for j, i in enumerate(greedy)}
+        for temperature, rows in sampled.items():
+            probs = softmax_wide(logits[rows] / temperature)  # (k, V)
+            cdf = probs.to(torch.float64).cumsum(-1)
+            out |= {picks[i][0]: (probs[j : j + 1], cdf[j : j + 1]) for j, i in enumerate(rows)}
+        return out
+
+    def _pick(self, row: Row, logits, shared=None) -> Event:
+        """The reply's next token, as stream() picks it; it ends at a stop id or after max_new_tokens.
+        shared: what _shared_work computed for this row, if anything."""
         cfg = row.cfg
-        if row.generated < cfg.min_new_tokens and len(row.stop_ids):
-            stops = torch.tensor(list(row.stop_ids), dtype=torch.long, device=logits.device)
-            logits = logits.index_fill(-1, stops, float("-inf"))
-        token = int(next_token(logits, cfg, row.seen, row.generator))
+        if isinstance(shared, int):  # greedy
+            token = shared
+        elif shared is not None:  # sampled: draw from the probabilities
+            probs, cdf = shared
+            token = int(draw(probs, row.generator, cdf))
+        else:
+            if row.generated < cfg.min_new_tokens and len(row.stop_ids):
+                stops = torch.tensor(list(row.stop_ids), dtype=torch.long, device=logits.device)
+                logits = logits.index_fill(-1, stops, float("-inf"))
+            token = int(next_token(logits, cfg, row.seen, row.generator))
         if token in row.stop_ids:
             self.drop(row)
             return Event(row, None, "stop")

@@ -67,7 +67,7 @@ class DecodeConfig:
         return self
 
 
-def _softmax(logits):  # in float32 at least, whatever the model's dtype
+def softmax_wide(logits):  # in float32 at least, whatever the model's dtype
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
@@ -92,7 +92,7 @@ def top_p_filter(logits, p: float):
     if p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) most likely first
-    probs = _softmax(sorted_logits)
+    probs = softmax_wide(sorted_logits)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; 0 for the first
     drop_sorted = mass_before >= p  # the set already reached p without this token
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
@@ -105,15 +105,16 @@ def next_token(logits, cfg: DecodeConfig, seen=None, generator=None):
     if cfg.method == "greedy" or cfg.temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return draw(_softmax(logits), generator)
+    return draw(softmax_wide(logits), generator)
 
 
-def draw(probs, generator=None):
+def draw(probs, generator=None, cdf=None):
     """(B, V) probabilities -> (B,) ids, one draw from each row: the first id whose cumulative probability
     exceeds u x the row's total, for one uniform u per row (inverting the CDF, in float64). The same
     distribution as torch.multinomial, which draws V exponential numbers per row instead of one (500 us
-    a token with an 8k vocabulary on CPU, more than model=small's whole decode step)."""
-    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
+    a token with an 8k vocabulary on CPU, more than model=small's whole decode step). `cdf`: the probabilities'
+    float64 cumulative sums, when the caller computed them (rgpt.inference.batch, for many rows at once)."""
+    cdf = probs.to(torch.float64).cumsum(-1) if cdf is None else cdf  # (B, V)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
     # a zero-probability id can only come from rounding at the very top of the CDF: take the likeliest

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS_GQA = ARCHS | {"gqa-sinusoidal": {"n_kv_head": 2, "bias": False, "tie_embeddings": False}}
 DECODES = {
+    # plain picks: their argmax and their probabilities are computed for all rows at once (_shared_work)
+    "plain-greedy": DecodeConfig(max_new_tokens=30, min_new_tokens=0),
+    "plain-sampled": DecodeConfig(method="sample", seed=5, temperature=0.9, max_new_tokens=30),
     # no early end, so the windows slide; the penalty keeps a random model from one loop for every prompt
     "greedy": DecodeConfig(max_new_tokens=30, min_new_tokens=30, repetition_penalty=2.0),
     "sampled": DecodeConfig(
@@ -211,10 +214,10 @@ def test_a_failing_reply_ends_alone_and_frees_its_slot(monkeypatch):
     rows = [batcher.add(Row(p, cfg)) for p in prompts(3)]
     real = Batcher._pick
 
-    def pick(self, row, logits):
+    def pick(self, row, *args):
         if row is rows[1] and row.generated == 2:
             raise RuntimeError("boom")
-        return real(self, row, logits)
+        return real(self, row, *args)
 
     monkeypatch.setattr(Batcher, "_pick", pick)
     got = {id(r): [] for r in rows}

@@ -49,12 +49,12 @@ class Fatal(BaseException):
     pass
 
 
-def _pick(self, row, logits):
+def _pick(self, row, *args):
     if row.generated == 2 and row.cfg.seed == 13:
         raise RuntimeError("injected fault")
     if row.generated == 2 and row.cfg.seed == 666:
         raise Fatal("injected fault")
-    return real_pick(self, row, logits)
+    return real_pick(self, row, *args)
 
 
 rgpt.inference.batch.Batcher._pick = _pick
