@@ -182,6 +182,9 @@ class RunConfig:
     resume: bool = False
     # an explicit checkpoint directory to start from (same stage: exact resume; other stage: weights only)
     resume_from: str | None = None
+    # with resume_from: take only the checkpoint's weights (fresh optimizer, schedule and epochs) even when it
+    # is of the same stage, e.g. sft on the tasks' warm-up on top of an existing sft model
+    weights_only: bool = False
     # torchrun: a rank that waits longer than this for the others (a hung peer, or rank 0 tokenizing a new
     # corpus) stops with an error instead of hanging; a dead peer is seen at once
     dist_timeout_s: float = 600.0
@@ -241,6 +244,12 @@ class RunConfig:
             "must be auto, fp32 or bf16",
         )
         check(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive")
+        check(
+            not self.weights_only or bool(self.resume_from),
+            "weights_only",
+            self.weights_only,
+            "goes with resume_from=CHECKPOINT (the weights to start from)",
+        )
         name = str(self.run_name)
         check(bool(name.strip()) and "/" not in name, "run_name", self.run_name, "must be a plain name")
         return self

@@ -85,7 +85,7 @@ def resolve_start(cfg: RunConfig, stage, device, dtype, log=print) -> Start:
     if cfg.resume_from:
         path = Path(cfg.resume_from)
         meta = ckpt.read_state(path)
-        exact = meta.get("stage") == cfg.stage and ckpt.OPTIM in meta["files"]
+        exact = meta.get("stage") == cfg.stage and ckpt.OPTIM in meta["files"] and not cfg.weights_only
         log(f"{'resuming' if exact else 'starting from the weights of'} {path}")
         return _from_checkpoint(cfg, path, device, dtype, exact, log)
     if cfg.resume:

@@ -547,6 +547,20 @@ def test_bad_resume_from_is_a_one_line_error_naming_the_file(
     assert not list((tmp_path / "out").glob("*/*/checkpoints"))
 
 
+def test_weights_only_starts_a_fresh_run_from_a_checkpoint_of_the_same_stage(corpus, pretrain, tmp_path):
+    """resume_from a checkpoint of the same stage resumes it exactly; with weights_only=true it only gives
+    the weights: a new run from step 0 (as sft on the tasks' warm-up on top of an sft model)."""
+    src = run_dir(pretrain[0]) / "checkpoints" / "last-00000020"
+    out = tmp_path / "out"
+    proc = run_cli(corpus, out, f"resume_from={src}", "weights_only=true", "train.max_steps=3")
+    assert f"starting from the weights of {src}" in proc.stdout + proc.stderr
+    assert [p.name for p in ckpts(out, "final")] == ["final-00000003"], "a fresh run counts its own steps"
+    w0, w3 = weights(src), weights(ckpts(out, "final")[0])
+    assert all(w0[k].shape == w3[k].shape for k in w0) and any(not torch.equal(w0[k], w3[k]) for k in w0)
+    proc = run_cli(corpus, tmp_path / "none", "weights_only=true", rc=1)
+    assert_one_line_error(proc, "weights_only", "resume_from")
+
+
 # ---- the non-finite guard (in process) ----------------------------------------------------------------
 def make_trainer(corpus, out_dir, *extra):
     """A Trainer on the same settings the CLI tests use, built in this process so it can be patched."""
