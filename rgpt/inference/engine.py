@@ -1,4 +1,4 @@
-"""One model answering many requests: a worker thread that decodes every active reply together.
+"""One model answering many requests: a decoding loop that decodes every active reply together.
 
 Requests wait in a bounded queue; up to `max_active` replies are decoded at once by a Batcher
 (rgpt.inference.batch): each step prefills a chunk of the prompts that are starting and decodes one token of
@@ -7,14 +7,17 @@ stalls the others for long. Each reply has its own slot of KV caches, its own ra
 position, so tokens cannot cross between conversations: the same request and seed give the same text
 alone or among others (tested with 32 streams). A reply whose client went away is dropped before the next step.
 
-The worker thread owns the model; the web server's event loop only submits, cancels and reads events.
+The decoding loop (Engine.run) owns the model and runs in the process's main thread (python -m rgpt.serve puts
+the web server in a thread of its own): torch's CPU thread pool, driven from any other thread, decoded
+model=small at half the speed (one reply: 360 against 660-740 tokens/s with 2 threads). The web server's
+event loop only submits, cancels and reads events.
 Events reach a reply's asyncio queue through call_soon_threadsafe: ("text", new text) as it is decoded,
 then ("end", finish_reason, tokens generated); or ("error", HTTP status, message) if decoding failed
 or the server is shutting down.
 
 What fails for one reply (its admission, its prefill, its token, its text) ends that reply alone with a 500;
-should a step fail for all (the batched forward), every active reply gets the error and the thread goes on.
-Should the thread itself die, every reply is ended with a 503, `failure` says why, and submit() refuses
+should a step fail for all (the batched forward), every active reply gets the error and the loop goes on.
+Should the loop itself die, every reply is ended with a 503, `failure` says why, and submit() refuses
 at once instead of queueing replies nobody decodes.
 """
 
@@ -38,7 +41,7 @@ class Busy(Exception):
 
 
 class Unavailable(Exception):
-    """No reply can be made: the decoding thread has stopped (it failed, or the server is shutting down)."""
+    """No reply can be made: the decoding loop has stopped (it failed, or the server is shutting down)."""
 
 
 @dataclass(eq=False)
@@ -58,7 +61,7 @@ class Reply:
 
 
 class Engine:
-    """The queue of replies and the thread that decodes them (start() it; stop() ends it)."""
+    """The queue of replies and the loop that decodes them (run() it; stop() or shutdown() ends it)."""
 
     def __init__(
         self, model, tok, max_active: int, max_queue: int, prefill_chunk: int = 64, hand_over: float = 0.0
@@ -72,31 +75,32 @@ class Engine:
         self.served = 0
         self.lock = threading.Condition()
         self.stopping = False
-        self.failure: str | None = None  # why the decoding thread died, if it did
+        self.failure: str | None = None  # why the decoding loop died, if it did
+        self.running = True  # until run() returns: requests that come before it starts wait in the queue
         self.outbox: list[tuple[Reply, tuple]] = []  # events not yet handed to the event loop (_flush)
         self.urgent = False  # the outbox holds a first token, an end or an error: hand it over now
-        self.thread = threading.Thread(target=self._run, name="rgpt-decode", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
 
     def stop(self) -> None:
         """End every reply, active or waiting (its client is told the server is shutting down), and then
-        the thread; returns at once (join() waits for the thread)."""
+        the loop; returns at once."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
 
-    def join(self) -> None:
-        self.thread.join(timeout=10)
+    def shutdown(self, why: str) -> None:
+        """After run() was interrupted (Ctrl-C): end every reply, active or waiting, with a 503."""
+        with self.lock:
+            self.stopping = True
+            self._end_all(why)
+            self._flush()
 
     def problem(self) -> str | None:
-        """Why no reply can be made now (the decoding thread died, is stopping or never started), or None."""
+        """Why no reply can be made now (the decoding loop died, is stopping or has ended), or None."""
         if self.failure is not None:
-            return f"the decoding thread has stopped ({self.failure})"
+            return f"the decoding loop has stopped ({self.failure})"
         if self.stopping:
             return "the server is shutting down"
-        return None if self.thread.is_alive() else "the decoding thread is not running"
+        return None if self.running else "the decoding loop is not running"
 
     def counts(self) -> dict:
         with self.lock:
@@ -104,7 +108,7 @@ class Engine:
 
     def check_room(self) -> None:
         """Raise Busy when max_active are decoding and max_queue more are waiting, Unavailable when the
-        thread has stopped: cheap, so a request is refused before its prompt is tokenized."""
+        loop has stopped: cheap, so a request is refused before its prompt is tokenized."""
         with self.lock:
             self._check_room()
 
@@ -130,16 +134,23 @@ class Engine:
             if reply in self.waiting:
                 self.waiting.remove(reply)
 
-    # ---- the worker thread ------------------------------------------------------------------------
-    def _run(self) -> None:
+    # ---- the decoding loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        """Decode until stop(), in the calling thread (the main one: see the module docstring). Returns
+        when stopped, or when the loop died (the web side then answers 503); Ctrl-C propagates, and the
+        caller ends the replies with shutdown()."""
         try:
             self._loop()
-        except BaseException as e:  # the thread is dying: no reply may wait for it, and /health must say so
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # the loop is dying: no reply may wait for it, and /health must say so
             traceback.print_exc()  # a bug in the loop itself: its traceback belongs in the server's log
             self._die(f"{type(e).__name__}: {e}")
+        finally:
+            self.running = False
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is per thread: inference here, as in chat
+        torch.set_grad_enabled(False)  # inference, as in chat
         while True:
             with self.lock:
                 while not (self.stopping or self.waiting or self.active):
@@ -174,7 +185,7 @@ class Engine:
 
     def _step(self) -> None:
         """One step of the batcher, and its tokens delivered; a step that fails as a whole fails every reply
-        in it (their slots are freed) and the thread goes on."""
+        in it (their slots are freed) and the loop goes on."""
         if not len(self.batcher):
             return
         try:
@@ -232,13 +243,13 @@ class Engine:
 
     def _die(self, why: str) -> None:
         print(
-            f"rgpt serve: the decoding thread stopped: {why}; /health answers 503",
+            f"rgpt serve: the decoding loop stopped: {why}; /health answers 503",
             file=sys.stderr,
             flush=True,
         )
         with self.lock:
             self.failure = why
-            self._end_all(f"the decoding thread has stopped ({why})")
+            self._end_all(f"the decoding loop has stopped ({why})")
             self._flush()
 
     def _post(self, reply: Reply, event: tuple) -> None:
@@ -251,7 +262,7 @@ class Engine:
     def _flush(self) -> None:
         """Hand the held events to their event loops: one wake-up of each loop per step, not per token, and
         at most one each `hand_over` seconds while only more text waits. Each wake-up costs the decoding
-        thread the GIL while the loop writes (model=small, one stream: a fifth of its time when every step
+        loop the GIL while the web side writes (model=small, one stream: a fifth of its time when every step
         woke it), so with fast steps a few tokens go out together; a first token, an end and an error go
         at once."""
         self.handed, self.urgent = time.monotonic(), False

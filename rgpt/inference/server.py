@@ -6,8 +6,10 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +55,7 @@ class ServeConfig:
     # is taken in chunks, so it delays the others' next token by one chunk's time at most
     prefill_chunk: int = 64
     # seconds: a stream's new text goes to the web side at most this often while more is being decoded (a
-    # first token and an end at once): each hand-over costs the decoding thread a turn of the GIL. 0: every step
+    # first token and an end at once): each hand-over costs the decoding loop a turn of the GIL. 0: every step
     stream_interval: float = 0.005
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
@@ -227,17 +229,9 @@ class Protocol(H11Protocol):
         self.transport.close()  # a request still being read learns it as a disconnect
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, which also ends every reply when told to stop (Ctrl-C, SIGTERM): open streams
-    then finish at once instead of holding the shutdown until they are cut off."""
-
-    def __init__(self, config, engine):
-        super().__init__(config)
-        self.engine = engine
-
-    def handle_exit(self, sig, frame) -> None:
-        self.engine.stop()
-        super().handle_exit(sig, frame)
+def _interrupt(signum, frame) -> None:
+    """SIGTERM ends the server as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def serve(c: ServeConfig, device) -> None:
@@ -270,10 +264,20 @@ def serve(c: ServeConfig, device) -> None:
     )
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    engine.start()
+    # the web server in a thread of its own and the decoding loop in this, the main thread: torch's CPU
+    # thread pool decodes at half the speed when driven from another thread (see rgpt/inference/engine.py)
+    web_server = uvicorn.Server(config)
+    web = threading.Thread(target=web_server.run, kwargs={"sockets": [sock]}, name="rgpt-web", daemon=True)
+    web.start()
     print(f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        Server(config, engine).run(sockets=[sock])
+        engine.run()  # returns only if the loop died: the web side goes on, answering 503, until Ctrl-C
+        while web.is_alive():
+            web.join(0.5)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: open streams end at once, with an error event
+        pass
     finally:
-        engine.stop()
-        engine.join()
+        engine.shutdown("the server is shutting down")
+        web_server.should_exit = True
+        web.join(10)

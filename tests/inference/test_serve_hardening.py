@@ -5,7 +5,7 @@ Two servers per module. `guarded` takes its key from RGPT_API_KEY and allows one
 name and one second to read a request: for the request checks, the cross-origin rules, slow clients and
 the fuzzing from its OpenAPI schema. `faulty` fails on purpose for two seeds (a sitecustomize on its
 PYTHONPATH wraps the batcher's token pick), with two decoding slots, no queue and eight connections at
-most: for the queue, the connection limit, a failing reply and, last, a decoding thread that dies."""
+most: for the queue, the connection limit, a failing reply and, last, a decoding loop that dies."""
 
 import json
 import os
@@ -39,7 +39,7 @@ LONG = 100_000  # tokens: a reply that cannot finish during a test (min_tokens f
 MAX_NEW = 16  # the guarded server's default reply length
 FAULTS = '''"""Loaded at start-up by the faulty test server's Python (on its PYTHONPATH): after two tokens the batcher's
 pick fails for a reply of seed 13 with an Exception (that reply alone fails) and for seed 666 with a
-BaseException, which no reply's guard catches (the decoding thread dies)."""
+BaseException, which no reply's guard catches (the decoding loop dies)."""
 import rgpt.inference.batch
 
 real_pick = rgpt.inference.batch.Batcher._pick
@@ -621,12 +621,12 @@ def test_a_dead_decoding_thread_makes_the_server_answer_503(faulty):
         lines = other.iter_lines()
         next(lines)
         error = error_of(post(faulty, endless(faulty, stream=False, seed=666), headers=JSON), 503)
-        assert "the decoding thread has stopped (Fatal: injected fault)" in error["message"], error
+        assert "the decoding loop has stopped (Fatal: injected fault)" in error["message"], error
         events = [line for line in lines if line]
-        assert events[-1] == "data: [DONE]" and "decoding thread has stopped" in events[-2], events[-2:]
+        assert events[-1] == "data: [DONE]" and "decoding loop has stopped" in events[-2], events[-2:]
     r = health(faulty)
     assert r.status_code == 503 and r.json()["status"] == "error" and "Fatal" in r.json()["error"], r.text
     start = time.monotonic()
     r = post(faulty, {"model": faulty.model, "messages": ask(Q_HELLO)}, headers=JSON, timeout=5)
     assert error_of(r, 503)["code"] == "server_unavailable" and time.monotonic() - start < 2
-    assert any("the decoding thread stopped: Fatal: injected fault" in line for line in faulty.lines)
+    assert any("the decoding loop stopped: Fatal: injected fault" in line for line in faulty.lines)
