@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--repo", help="serve this checkout of rgpt instead (its server gets no precision=)")
     parser.add_argument("--bare", action="store_true", help="also time the bare KV-cache decode")
     parser.add_argument("--label", default="", help="a name for this run in the output")
+    parser.add_argument("serve", nargs="*", help="more key=value settings for the server (not with --repo)")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +180,7 @@ def main() -> None:
 
             checkpoint = save_tiny(Path(tmp))
         keys = [f"checkpoint={Path(checkpoint).resolve()}", f"max_active={max(args.clients)}"]
-        keys += [] if args.repo else [f"precision={args.precision}"]
+        keys += [] if args.repo else [f"precision={args.precision}", *args.serve]
         env = {"PYTHONPATH": str(Path(args.repo).resolve())} if args.repo else None
         server = Server(*keys, threads=args.threads, cwd=tmp, env=env)
         try:

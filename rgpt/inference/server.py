@@ -55,8 +55,10 @@ class ServeConfig:
     # is taken in chunks, so it delays the others' next token by one chunk's time at most
     prefill_chunk: int = 64
     # seconds: a stream's new text goes to the web side at most this often while more is being decoded (a
-    # first token and an end at once): each hand-over costs the decoding loop a turn of the GIL. 0: every step
-    stream_interval: float = 0.005
+    # first token and an end at once): each hand-over costs the decoding loop a turn of the GIL (model=small,
+    # one stream: 476 tokens/s at 0.005, 654 at 0.02; 50 updates a second still read as a live stream).
+    # 0: every step
+    stream_interval: float = 0.02
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
