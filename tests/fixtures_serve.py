@@ -15,7 +15,7 @@ class Server:
     read from the line it prints once listening (`env`: more environment variables). stop() sends Ctrl-C
     and returns (exit code, stderr)."""
 
-    def __init__(self, *args, cwd, threads=1, timeout=90.0, env=None):  # tiny model: 1 thread is fastest
+    def __init__(self, *args, cwd, threads=1, timeout=90.0, env=None, ignore_sigint=False):  # tiny: 1 thread
         inherited = {k: v for k, v in os.environ.items() if k != "RGPT_API_KEY"}  # a key only when asked for
         env = {**inherited, "OMP_NUM_THREADS": str(threads), "PYTHONIOENCODING": "utf-8", **(env or {})}
         command = [sys.executable, "-m", "rgpt.serve", "host=127.0.0.1", "port=0", "device=cpu"]
@@ -28,6 +28,8 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
+            # as a background job of a script starts: SIGINT ignored
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
         )
         self.lines: list[str] = []
         self.ready = threading.Event()

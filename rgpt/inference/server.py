@@ -232,7 +232,8 @@ class Protocol(H11Protocol):
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGTERM ends the server as Ctrl-C does."""
+    """SIGINT (Ctrl-C) and SIGTERM end the server: set here, not left to Python's default, which a
+    process started with SIGINT ignored (a background job of a script) never gets."""
     raise KeyboardInterrupt
 
 
@@ -272,6 +273,7 @@ def serve(c: ServeConfig, device) -> None:
     web = threading.Thread(target=web_server.run, kwargs={"sockets": [sock]}, name="rgpt-web", daemon=True)
     web.start()
     print(f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         engine.run()  # returns only if the loop died: the web side goes on, answering 503, until Ctrl-C

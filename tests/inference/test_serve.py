@@ -406,6 +406,16 @@ def test_concurrent_streams_never_cross(any_precision_server, tiny_run, tmp_path
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_a_server_started_with_sigint_ignored(tiny_run, tmp_path):
+    """A background job of a script starts with SIGINT ignored, so Python's own Ctrl-C handler is never
+    installed; the server sets its own and still ends at once."""
+    s = Server(f"checkpoint={tiny_run[1]}", cwd=tmp_path, ignore_sigint=True)
+    start = time.monotonic()
+    code, stderr = s.stop(timeout=10)
+    assert code == 0 and time.monotonic() - start < 5 and "Traceback" not in stderr, (code, stderr)
+
+
+@pytest.mark.slow
 def test_stopping_the_server_ends_open_streams_at_once(strict_server):
     """Ctrl-C with a stream open: the stream gets an error event and [DONE] and the server exits 0 at once,
     instead of waiting for the reply or being cut off after the graceful-shutdown timeout. (Runs last.)"""
