@@ -62,6 +62,16 @@ def weights_sha256(path) -> str:
     return ckpt.read_state(path)["files"][ckpt.MODEL]["sha256"]
 
 
+def reference_checkpoint(ctx, stage: str) -> dict:
+    """{"path", "sha256"} of the frozen reference of a dpo or grpo run: the checkpoint it started from, or
+    on a resume the one its state recorded (under "<stage>_reference")."""
+    if ctx.resumed is not None:
+        return ctx.resumed[f"{stage}_reference"]
+    if ctx.source is None:
+        raise CheckpointError(f"stage={stage} needs a model to start from (resume=true or resume_from=...)")
+    return {"path": str(ctx.source), "sha256": weights_sha256(ctx.source)}
+
+
 def reference_logprobs(
     sets: dict[str, PairSet], reference: dict, cache_dir, precision: str, model_fn, batch_size: int, log=print
 ) -> dict[str, torch.Tensor]:
@@ -109,7 +119,7 @@ class DPO(Stage):
         )
         self.train_size, self.val_size = len(train_set), len(self.val_set)
         self.val_batches = PairBatcher(self.val_set, cfg.train.batch_size, cfg.seed, shuffle=False)
-        self.reference = self._reference()
+        self.reference = reference_checkpoint(self.ctx, "dpo")
         sets = {"train": train_set, "val": self.val_set}
         ref = ctx.dist.first_then_rest(
             lambda: reference_logprobs(
@@ -130,15 +140,6 @@ class DPO(Stage):
             "held-out pairs (log-probability)"
         )
         return PairBatcher(train_set, cfg.train.batch_size, cfg.seed)
-
-    def _reference(self) -> dict:
-        """{"path", "sha256"} of the reference checkpoint: the one this run started from."""
-        ctx = self.ctx
-        if ctx.resumed is not None:
-            return ctx.resumed["dpo_reference"]
-        if ctx.source is None:
-            raise CheckpointError("stage=dpo needs a model to start from (resume=true or resume_from=...)")
-        return {"path": str(ctx.source), "sha256": weights_sha256(ctx.source)}
 
     def _reference_model(self) -> GPT:
         """A model with the reference's weights: the one being trained, before its first step; on a resume,

@@ -31,7 +31,7 @@ from rgpt.nn.model import GPT
 from rgpt.runtime import checkpoint as ckpt
 from rgpt.runtime.checkpoint import CheckpointError
 from rgpt.settings import check
-from rgpt.stages.dpo import weights_sha256
+from rgpt.stages.dpo import reference_checkpoint, weights_sha256
 from rgpt.stages.lm import SFT
 from rgpt.training.stage import Stage
 
@@ -129,20 +129,11 @@ class GRPO(Stage):
             f"tasks {', '.join(cfg.data.files)}: {self.train_size} training problems, {self.val_size} held-out ones "
             f"answered at each validation; {cfg.train.batch_size} prompts × {own.group_size} replies a micro-batch"
         )
-        self.reference = self._reference()
+        self.reference = reference_checkpoint(self.ctx, "grpo")
         self.ref_model = self._reference_model()
         self._clock = {"rollout": 0.0, "update": 0.0}
         self._last = []  # (prompt, reply, ended, reward) of the last micro-batch's first reply to each prompt
         return Draws(own.micro_batches, cfg.train.batch_size * own.group_size)
-
-    def _reference(self) -> dict:
-        """{"path", "sha256"} of the reference checkpoint: the one this run started from."""
-        ctx = self.ctx
-        if ctx.resumed is not None:
-            return ctx.resumed["grpo_reference"]
-        if ctx.source is None:
-            raise CheckpointError("stage=grpo needs a model to start from (resume=true or resume_from=...)")
-        return {"path": str(ctx.source), "sha256": weights_sha256(ctx.source)}
 
     def _reference_model(self) -> GPT:
         """The frozen starting model, loaded from its checkpoint (after checking it is the same file)."""
