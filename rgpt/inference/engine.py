@@ -61,7 +61,7 @@ class Reply:
 
 
 class Engine:
-    """The queue of replies and the loop that decodes them (run() it; stop() or shutdown() ends it)."""
+    """The queue of replies and the loop that decodes them (run() it; after Ctrl-C, shutdown() ends them)."""
 
     def __init__(
         self, model, tok, max_active: int, max_queue: int, prefill_chunk: int = 64, hand_over: float = 0.0
@@ -79,13 +79,6 @@ class Engine:
         self.running = True  # until run() returns: requests that come before it starts wait in the queue
         self.outbox: list[tuple[Reply, tuple]] = []  # events not yet handed to the event loop (_flush)
         self.urgent = False  # the outbox holds a first token, an end or an error: hand it over now
-
-    def stop(self) -> None:
-        """End every reply, active or waiting (its client is told the server is shutting down), and then
-        the loop; returns at once."""
-        with self.lock:
-            self.stopping = True
-            self.lock.notify()
 
     def shutdown(self, why: str) -> None:
         """After run() was interrupted (Ctrl-C): end every reply, active or waiting, with a 503."""
@@ -136,9 +129,9 @@ class Engine:
 
     # ---- the decoding loop --------------------------------------------------------------------------
     def run(self) -> None:
-        """Decode until stop(), in the calling thread (the main one: see the module docstring). Returns
-        when stopped, or when the loop died (the web side then answers 503); Ctrl-C propagates, and the
-        caller ends the replies with shutdown()."""
+        """Decode, in the calling thread (the main one: see the module docstring), until Ctrl-C, which
+        propagates (the caller ends the replies with shutdown()); returns only if the loop died (the web
+        side then answers 503)."""
         try:
             self._loop()
         except KeyboardInterrupt:
@@ -153,12 +146,8 @@ class Engine:
         torch.set_grad_enabled(False)  # inference, as in chat
         while True:
             with self.lock:
-                while not (self.stopping or self.waiting or self.active):
+                while not (self.waiting or self.active):
                     self.lock.wait()
-                if self.stopping:
-                    self._end_all("the server is shutting down")
-                    self._flush()
-                    return
                 while self.waiting and len(self.active) < self.max_active:
                     self._admit(self.waiting.popleft())
                 gone = [reply for reply in self.active if reply.cancelled and not reply.done]
