@@ -104,6 +104,7 @@ class TokenizerSettings:
     min_freq: int = 2  # words seen fewer times are spelled with their characters (every character is kept)
     max_size: int = 20000  # vocabulary cap, most frequent first
     hmm: bool = False  # jieba's HMM guesses new words; off keeps segmentation a pure dictionary lookup
+    split_digits: bool = False  # no word holds a digit: numbers are spelled digit by digit (for arithmetic)
 
     def validate(self):
         check(
@@ -359,6 +360,7 @@ def build_tokenizer(
     log=print,
     idioms=None,
     workers: int | None = None,
+    split_digits: bool = False,
 ) -> Tokenizer:
     """The vocabulary of all the given corpora, built once and then loaded from ``<cache_dir>/vocab-<key>.json``."""
     idioms = shipped_idioms() if idioms is None else tuple(sorted(set(idioms)))
@@ -370,6 +372,7 @@ def build_tokenizer(
         hmm,
         idioms,
         {kind: [file_digest(f) for f in fs] for kind, fs in files.items()},
+        *(["split_digits"] if split_digits else []),  # absent when off: caches from before keep their key
     )
     path = Path(cache_dir) / f"vocab-{key}.json"
     if path.exists():
@@ -382,7 +385,7 @@ def build_tokenizer(
     with _bar(n_bytes, f"counting words ({processes(workers)})") as bar:
         sent = lambda chunk: bar.update(sum(map(_utf8_size, chunk)))  # noqa: E731
         chars, words = count(texts, idioms, hmm, workers, sent)
-    tok = Tokenizer.from_counts(chars, words, min_freq, max_size, hmm, idioms)
+    tok = Tokenizer.from_counts(chars, words, min_freq, max_size, hmm, idioms, split_digits)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     seconds = time.perf_counter() - t0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ IDIOMS_PATH = Path(__file__).resolve().parent.parent / "corpus" / "idioms.tsv"
 # 4-character idiom always wins its span in precise mode.
 IDIOM_FREQ = 100_000
 VOCAB_FORMAT = "rgpt-vocab/1"
+_DIGIT = re.compile(r"\d")  # any Unicode decimal digit: 0-9, full-width ０-９, ...
 
 
 def normalise(text: str) -> str:
@@ -165,12 +167,23 @@ class Tokenizer(TokenizerBase):
     """Vocabulary (id ↔ piece) plus the jieba settings that produce the pieces."""
 
     def __init__(
-        self, tokens: list[str], hmm: bool, min_freq: int, max_size: int, user_words: tuple[str, ...]
+        self,
+        tokens: list[str],
+        hmm: bool,
+        min_freq: int,
+        max_size: int,
+        user_words: tuple[str, ...],
+        split_digits: bool = False,
     ):
         if tuple(tokens[: len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"vocabulary must start with {SPECIALS}, got {tuple(tokens[: len(SPECIALS)])}")
+        numbers = (
+            [t for t in tokens[len(SPECIALS) :] if len(t) > 1 and _DIGIT.search(t)] if split_digits else []
+        )
+        if numbers:
+            raise ValueError(f"a vocabulary with split_digits holds {numbers[0]!r}, a word with a digit")
         self.tokens = list(tokens)
-        self.hmm, self.min_freq, self.max_size = hmm, min_freq, max_size
+        self.hmm, self.min_freq, self.max_size, self.split_digits = hmm, min_freq, max_size, split_digits
         self.user_words = tuple(user_words)
         # Specials are kept out of the lookup: text that literally contains "<eos>" encodes as characters.
         self._ids = {t: i for i, t in enumerate(self.tokens) if i >= len(SPECIALS)}
@@ -185,16 +198,18 @@ class Tokenizer(TokenizerBase):
         max_size: int = 20000,
         hmm: bool = False,
         idioms: Iterable[str] | None = None,
+        split_digits: bool = False,
     ) -> "Tokenizer":
         """Every character seen, then words (pieces of 2+ characters) seen ≥ min_freq times, most frequent
         first with ties broken by the piece itself, until the vocabulary holds max_size entries.
 
         If there are more characters than room, the rarest characters are the ones left out. ``idioms``
-        defaults to the shipped list.
+        defaults to the shipped list. With split_digits no word holding a digit is kept, so every number is
+        spelled digit by digit ("63" → 6, 3): arithmetic then reads the same digits in every number.
         """
         user_words = shipped_idioms() if idioms is None else tuple(sorted(set(idioms)))
         chars, words = cls.count(texts, user_words, hmm)
-        return cls.from_counts(chars, words, min_freq, max_size, hmm, user_words)
+        return cls.from_counts(chars, words, min_freq, max_size, hmm, user_words, split_digits)
 
     @staticmethod
     def count(texts: Iterable[str], user_words: tuple[str, ...], hmm: bool) -> tuple[Counter, Counter]:
@@ -217,16 +232,22 @@ class Tokenizer(TokenizerBase):
         max_size: int,
         hmm: bool,
         user_words: tuple[str, ...],
+        split_digits: bool = False,
     ) -> "Tokenizer":
         """The vocabulary that build() makes of a corpus with these counts (see build)."""
 
         def by_freq(counts):
             return sorted(counts, key=lambda t: (-counts[t], t))
 
+        def kept(word):
+            return words[word] >= min_freq and not (split_digits and _DIGIT.search(word))
+
         room = max_size - len(SPECIALS)
         kept_chars = by_freq(chars)[:room]
-        kept_words = [w for w in by_freq(words) if words[w] >= min_freq][: room - len(kept_chars)]
-        return cls(list(SPECIALS) + kept_chars + kept_words, hmm, min_freq, max_size, user_words)
+        kept_words = [w for w in by_freq(words) if kept(w)][: room - len(kept_chars)]
+        return cls(
+            list(SPECIALS) + kept_chars + kept_words, hmm, min_freq, max_size, user_words, split_digits
+        )
 
     def _piece_ids(self, piece: str) -> tuple[int, ...]:
         ids = self._piece_cache.get(piece)
@@ -271,14 +292,15 @@ class Tokenizer(TokenizerBase):
         return "".join(out)
 
     def to_dict(self) -> dict:
+        settings = {"hmm": self.hmm, "min_freq": self.min_freq, "max_size": self.max_size}
+        if (
+            self.split_digits
+        ):  # written only when on: vocabularies (and data caches) from before keep their key
+            settings["split_digits"] = True
+        settings["normalisation"] = "strip; whitespace runs -> one space"
         return {
             "format": VOCAB_FORMAT,
-            "settings": {
-                "hmm": self.hmm,
-                "min_freq": self.min_freq,
-                "max_size": self.max_size,
-                "normalisation": "strip; whitespace runs -> one space",
-            },
+            "settings": settings,
             "user_words": list(self.user_words),
             "tokens": self.tokens,
         }
@@ -297,4 +319,11 @@ class Tokenizer(TokenizerBase):
                 f"{where}: not an rgpt vocabulary (format {d.get('format')!r}, expected {VOCAB_FORMAT!r})"
             )
         s = d["settings"]
-        return cls(d["tokens"], s["hmm"], s["min_freq"], s["max_size"], tuple(d["user_words"]))
+        return cls(
+            d["tokens"],
+            s["hmm"],
+            s["min_freq"],
+            s["max_size"],
+            tuple(d["user_words"]),
+            s.get("split_digits", False),
+        )

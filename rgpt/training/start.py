@@ -123,7 +123,14 @@ def resolve_start(cfg: RunConfig, stage, device, dtype, log=print) -> Start:
     _set_aside(cfg.run_dir, log)
     t = cfg.tokenizer
     tok = build_tokenizer(
-        t.files, t.min_freq, t.max_size, t.hmm, cfg.data.cache_dir, log=log, workers=cfg.data.workers
+        t.files,
+        t.min_freq,
+        t.max_size,
+        t.hmm,
+        cfg.data.cache_dir,
+        log=log,
+        workers=cfg.data.workers,
+        split_digits=t.split_digits,
     )
     model = GPT(
         _model_config(cfg, tok.vocab_size), device=device, dtype=dtype, compute_dtype=_compute_dtype(cfg)
