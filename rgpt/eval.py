@@ -59,7 +59,7 @@ def _main(cfg) -> None:
 def _verify(c: EvalConfig, device) -> None:
     model, tok, path = c.model.open(device)
     model.eval()
-    result = verify(model, tok, held_out(limit=c.max_problems), c.decode.max_new_tokens)
+    result = verify(model, tok, held_out(limit=c.max_problems), c.decode.max_new_tokens, c.reply_batch)
     print(f"checkpoint   {path}")
     for name, r in result.items():
         print(

@@ -51,8 +51,8 @@ class EvalConfig:
     max_problems: int | None = None
     # windows per forward pass; 16 x 256 tokens x 10k vocab of logits is ~160 MB in float32
     batch_size: int = 16
-    # task=sft: replies decoded together (continuous batching, rgpt.inference.batch: the same replies as one
-    # at a time); 1: one by one
+    # task=sft and task=verify: replies decoded together (continuous batching, rgpt.inference.batch: the same
+    # replies as one at a time); 1: one by one
     reply_batch: int = 32
     # how task=sft makes its replies
     decode: DecodeConfig = field(default_factory=DecodeConfig, metadata=FLAT)

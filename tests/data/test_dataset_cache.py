@@ -162,6 +162,10 @@ def test_build_tokenizer_is_cached(tmp_path):
     assert a.fingerprint == b.fingerprint
     c = build_tokenizer({"pretrain": [p]}, 3, 500, False, tmp_path / "cache", log=log, idioms=())
     assert log[2].startswith("built vocabulary") and c.fingerprint != a.fingerprint
+    d = build_tokenizer(
+        {"pretrain": [p]}, 2, 500, False, tmp_path / "cache", log=log, idioms=(), split_digits=True
+    )
+    assert log[3].startswith("built vocabulary") and d.split_digits and d.fingerprint != a.fingerprint
 
 
 def test_replay_puts_whole_documents_in_a_pool_beside_the_sft_splits(tmp_path, tok):

@@ -133,6 +133,28 @@ def test_hmm_setting_is_kept():
     assert tok.decode(tok.encode(CORPUS[0])) == CORPUS[0]
 
 
+NUMBERS = ["25加38等于63。", "25加38等于63。", "2024年有12个月，2024年", "第３章，第３章"]
+
+
+def test_split_digits_spells_every_number_digit_by_digit(tmp_path):
+    words = Tokenizer.build(NUMBERS, idioms=())
+    assert {"25", "63", "2024"} <= set(words.tokens)  # without it, frequent numbers are words
+    tok = Tokenizer.build(NUMBERS, idioms=(), split_digits=True)
+    assert [t for t in tok.tokens if len(t) > 1 and any(c.isdigit() for c in t)] == []
+    pieces = [tok.tokens[i] for i in tok.encode("25加38等于63。2024年，第３章")]
+    assert pieces == [*"25", "加", *"38", "等于", *"63", "。", *"2024", "年", "，", "第", "３", "章"]
+    assert tok.decode(tok.encode(NUMBERS[2])) == NUMBERS[2]
+    assert tok.to_dict()["settings"]["split_digits"] is True
+    assert "split_digits" not in words.to_dict()["settings"]  # vocabularies from before keep their bytes
+    tok.save(tmp_path / "v.json")
+    loaded = Tokenizer.load(tmp_path / "v.json")
+    assert loaded.split_digits and loaded.fingerprint == tok.fingerprint and not words.split_digits
+    d = tok.to_dict()
+    d["tokens"] = [*d["tokens"], "63"]
+    with pytest.raises(ValueError, match="'63', a word with a digit"):
+        Tokenizer.from_dict(d)
+
+
 def test_special_strings_in_text_are_plain_characters(tok):
     ids = Tokenizer.build(["<eos> <user>"], min_freq=1, idioms=()).encode("<eos>")
     assert EOS_ID not in ids and len(ids) > 1

@@ -223,3 +223,30 @@ def test_every_decoding_setting_reaches_eval_from_the_one_list():
     assert (cfg.decode.method, cfg.decode.beam_width, cfg.decode.min_new_tokens) == ("beam", 3, 2)
     assert cfg.decode.max_new_tokens == 7
     assert load(EvalConfig, {"data": {"path": "x.txt"}}).decode == DecodeConfig(), "defaults: greedy"
+
+
+def test_verify_decodes_together_what_it_decodes_one_by_one():
+    """task=verify's replies come from the batched decoder: the same replies as greedy generate() one problem
+    at a time (slots 1, 3 and 32), prompts near the block size cut shorter, in the problems' order."""
+    from rgpt.data.tasks import held_out
+    from rgpt.data.tokenizer import Tokenizer
+    from rgpt.inference.generate import generate
+    from rgpt.inference.verify import answers
+
+    problems = held_out(limit=12)
+    tok = Tokenizer.build([t for p in problems for t in (p.prompt, p.reply)], min_freq=1, idioms=())
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_embd=32, n_head=4, n_layer=2, n_hidden=64, block_size=20)
+    model = GPT(cfg, dtype=torch.float64)
+    for w in model.params.values():  # untrained matrices 15 times larger: replies that differ
+        if w.dim() > 1:
+            w.normal_(0, 0.3)
+    model.eval()
+    want = []
+    for p in problems:
+        prompt = tok.encode_prompt([("user", p.prompt)])
+        cut = max(1, min(8, cfg.block_size + 1 - len(prompt)))
+        want.append(tok.decode(generate(model, prompt, DecodeConfig(method="greedy", max_new_tokens=cut))))
+    assert len(set(want)) > 12 and min(map(len, want)) < 8 <= max(map(len, want)), want  # distinct; some cut
+    for slots in (1, 3, 32):
+        assert answers(model, tok, problems, 8, slots) == want, slots

@@ -295,6 +295,23 @@ def test_sft_without_a_pretrained_model_says_to_pretrain_first(corpus, tmp_path)
     assert "first" in proc.stderr
 
 
+def test_split_digits_reaches_the_checkpoints_vocabulary(corpus, tmp_path):
+    """tokenizer.split_digits=true: the vocabulary saved with the model has no word with a digit, and the
+    model trained on the numbers spelled digit by digit."""
+    numbers = tmp_path / "numbers.jsonl"
+    lines = [f"{a}加{b}等于{a + b}。{a + b}是一个数。" for a in range(10, 40) for b in (11, 22)]
+    numbers.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), "utf-8")
+    digits = Corpus(numbers, corpus.sft, tmp_path / "cache")
+    run_cli(digits, tmp_path / "words", "train.max_epochs=1")
+    run_cli(digits, tmp_path / "digits", "train.max_epochs=1", "tokenizer.split_digits=true")
+    words = json.loads((ckpts(tmp_path / "words", "final")[-1] / ckpt.VOCAB).read_text("utf-8"))
+    vocab = json.loads((ckpts(tmp_path / "digits", "final")[-1] / ckpt.VOCAB).read_text("utf-8"))
+    assert {"33", "44"} <= set(words["tokens"]) and "split_digits" not in words["settings"]
+    assert vocab["settings"]["split_digits"] is True
+    assert [t for t in vocab["tokens"] if len(t) > 1 and any(c.isdigit() for c in t)] == []
+    assert set("0123456789") <= set(vocab["tokens"])
+
+
 def test_freeze_attn_keeps_attention_weights_and_trains_the_rest(corpus, pretrain, tmp_path):
     out = copy_out_dir(pretrain[0], tmp_path / "out")
     best = ckpt.find(run_dir(out) / "checkpoints", "best")
