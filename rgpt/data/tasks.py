@@ -3,7 +3,9 @@
 - arithmetic: one- and two-digit addition and subtraction (no negative results) in the phrasings of the
   SFT dialogues (rgpt/corpus/sft: "3加5等于几？", "25加38是多少？", "951减435等于多少？", "帮我算84+41").
   The answer read from a reply is the integer right after its first 等于 or =, or without one its first
-  integer ("25加38等于63。" reads 63).
+  integer ("25加38等于63。" reads 63). The reply the warm-up teaches works column by column when a number
+  has two digits ("个位5加8得13，十位2加3加1得6，等于63。"): each step is a one-digit fact, so a sum never
+  seen in training is made of steps that were (one-digit sums are the fact itself: "3加5等于8。").
 - idiom: one character of an idiom of rgpt/corpus/idioms.tsv blanked ("补全成语：画蛇添__" → 足). A reply is
   right if, without punctuation and spaces, it is the missing character or holds the whole idiom.
 
@@ -36,7 +38,10 @@ SUB_FORMS = ("{a}减{b}等于几？", "{a}减{b}是多少？", "{a}减{b}等于�
 _ANSWER = re.compile(r"(?:等于|=)\s*(-?\d+)")
 _INT = re.compile(r"-?\d+")
 _NOT_TEXT = re.compile(r"[\s，。！？、：；“”‘’\"'（）()《》,.!?:;]+")
-_ARITH_FORM = re.compile(r"\d+[加减+\-]\d+等于-?\d+。?")  # what the warm-up teaches: "3加5等于8。"
+# what the warm-up teaches: "3加5等于8。", or column by column "个位5加8得13，十位2加3加1得6，等于63。"
+_ARITH_FORM = re.compile(
+    r"\d+[加减+\-]\d+等于-?\d+。?|个位\d+[加减]\d得\d+，十位\d(?:[加减]\d){1,2}得\d+，等于\d+。?"
+)
 _CJK = re.compile(r"[\u4e00-\u9fff]{1,8}")
 
 
@@ -54,6 +59,24 @@ def _pick(key: str, options):
     return options[int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % len(options)]
 
 
+def worked(a: int, b: int, op: str) -> str:
+    """The right reply to a ± b, the warm-up's form: the fact itself for two one-digit numbers, else column
+    by column, units then tens (a carry adds 1 to the tens, a borrow takes 1 from them), then the result."""
+    sign, value = ("加", a + b) if op == "add" else ("减", a - b)
+    if a < 10 and b < 10:
+        return f"{a}{sign}{b}等于{value}。"
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    if op == "add":
+        carry = (a0 + b0) // 10
+        units = f"个位{a0}加{b0}得{a0 + b0}"
+        tens = f"十位{a1}加{b1}{'加1' if carry else ''}得{a1 + b1 + carry}"
+    else:
+        borrow = int(a0 < b0)
+        units = f"个位{a0 + 10 * borrow}减{b0}得{a0 + 10 * borrow - b0}"
+        tens = f"十位{a1}{'减1' if borrow else ''}减{b1}得{a1 - borrow - b1}"
+    return f"{units}，{tens}，等于{value}。"
+
+
 class Arithmetic:
     name = "arithmetic"
 
@@ -61,15 +84,12 @@ class Arithmetic:
         out = []
         for a in range(1, 100):
             for b in range(1, 100):
-                for op, forms, sign, value in (
-                    ("add", ADD_FORMS, "加", a + b),
-                    ("sub", SUB_FORMS, "减", a - b),
-                ):
+                for op, forms, value in (("add", ADD_FORMS, a + b), ("sub", SUB_FORMS, a - b)):
                     if value < 0:
                         continue
                     key = f"{op}:{a}:{b}"
                     prompt = _pick(key, forms).format(a=a, b=b)
-                    out.append(Problem(self.name, key, prompt, str(value), f"{a}{sign}{b}等于{value}。"))
+                    out.append(Problem(self.name, key, prompt, str(value), worked(a, b, op)))
         return out
 
     @staticmethod

@@ -313,48 +313,69 @@ def generate(
     return list(stream(model, prompt, cfg, stop_ids=stop_ids, generator=generator, use_cache=use_cache))
 
 
-# ---- a group of samples of one prompt (GRPO's rollouts) ---------------------------------------------
+# ---- groups of samples (GRPO's rollouts) ------------------------------------------------------------------
+Sample = tuple[list[int], list[float], bool]  # a reply's token ids, their log-probabilities, whether it ended
+
+
 @torch.no_grad()
-def sample_group(
+def sample_groups(
     model,
-    prompt: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     n: int,
     *,
-    max_new_tokens: int,
+    max_new_tokens: Sequence[int],
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     stop_ids: Sequence[int] = END_OF_TURN,
-) -> list[tuple[list[int], list[float], bool]]:
-    """n replies to one prompt, sampled as one batch of n rows through the KV cache: for each, its token ids
-    (with the stop id that ended it, the reply's last target), the log-probability of each under the model's
-    own distribution (temperature 1, no masking: what a policy-gradient objective differentiates, whatever
-    drew them), and whether it ended at a stop id (False: cut at max_new_tokens). The caller keeps
-    prompt + max_new_tokens within the window, so nothing slides out.
+) -> list[list[Sample]]:
+    """n replies to each prompt, all P × n sampled together: one forward a token for every row
+    (GPT.forward_rows, each row at its own position), after each prompt was prefilled once and its keys and
+    values copied into its n rows. For each reply: its token ids (with the stop id that ended it, the reply's
+    last target), the log-probability of each under the model's own distribution (temperature 1, no masking:
+    what a policy-gradient objective differentiates, whatever drew them), and whether it ended at a stop id
+    (False: cut at the prompt's max_new_tokens). The caller keeps each prompt + its max_new_tokens within the
+    window, so nothing slides out. Rows that are done go on decoding (in place, within their cut) until all
+    are; what they draw is dropped.
     """
-    cfg = DecodeConfig(method="sample", temperature=temperature, max_new_tokens=max_new_tokens).check()
-    window = Window(model, n)
-    ids = _prompt_tensor(model, prompt).expand(n, -1)  # (n, T) the same prompt in every row
-    logits = window.extend(ids)  # (n, V)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=model.device)
+    P, B, cuts = len(prompts), len(prompts) * n, list(max_new_tokens)
+    cfg = DecodeConfig(method="sample", temperature=temperature, max_new_tokens=max(cuts)).check()
+    dev = model.device
+    caches, first = model.new_kv_caches(B), []
+    for p, prompt in enumerate(prompts):  # prefill each prompt once, then copy it into its n rows
+        mine = model.new_kv_caches(1)
+        first.append(model.forward_cached(_prompt_tensor(model, prompt), mine, last_only=True)[:, -1])
+        for slab, c in zip(caches, mine):
+            slab.k[p * n : (p + 1) * n, :, : len(prompt)] = c.k[0, :, : len(prompt)]
+            slab.v[p * n : (p + 1) * n, :, : len(prompt)] = c.v[0, :, : len(prompt)]
+    logits = torch.cat(first).repeat_interleave(n, dim=0)  # (B, V)
+    start = torch.tensor([len(q) for q in prompts], device=dev).repeat_interleave(n)  # (B,) next positions
+    limit = torch.tensor(cuts, device=dev).repeat_interleave(n)  # (B,) tokens a row may draw
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     tokens, logps = [], []
-    done = torch.zeros(n, dtype=torch.bool, device=model.device)
-    ended_at = torch.full((n,), max_new_tokens, dtype=torch.long, device=model.device)
-    for step in range(max_new_tokens):
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    ended_at = limit.clone()
+    for step in range(cfg.max_new_tokens):
         allowed = logits.index_fill(-1, stops, float("-inf")) if step < cfg.min_new_tokens else logits
-        token = next_token(allowed, cfg, None, generator)  # (n,)
+        token = next_token(allowed, cfg, None, generator)  # (B,)
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        logp = logp.gather(1, token[:, None]).squeeze(1)  # (n,)
         tokens.append(token)
-        logps.append(logp)
+        logps.append(logp.gather(1, token[:, None]).squeeze(1))
         stop = torch.isin(token, stops) & ~done
         ended_at = torch.where(stop, torch.full_like(ended_at, step), ended_at)
-        done |= stop
-        if bool(done.all()) or step + 1 == max_new_tokens:
+        done |= stop | (step + 1 >= limit)
+        if bool(done.all()):
             break
-        logits = window.extend(token.view(n, 1))  # finished rows go on too; what they draw is dropped
-    tok, lp = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (n, steps)
+        pos = torch.minimum(start + step, start + limit - 2)  # a row that is done rewrites an old position
+        logits = model.forward_rows(token, caches, pos)
+    tok, lp = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, steps)
     out = []
     for i, end in enumerate(ended_at.tolist()):
-        k = min(end + 1, max_new_tokens)  # an ended reply keeps its stop token: learning to end is part of it
-        out.append((tok[i][:k], lp[i][:k], end < max_new_tokens))
-    return out
+        cut = cuts[i // n]
+        k = min(end + 1, cut)  # an ended reply keeps its stop token: learning to end is part of it
+        out.append((tok[i][:k], lp[i][:k], end < cut))
+    return [out[p * n : (p + 1) * n] for p in range(P)]
+
+
+def sample_group(model, prompt: Sequence[int], n: int, *, max_new_tokens: int, **kw) -> list[Sample]:
+    """n replies to one prompt: sample_groups of that prompt alone."""
+    return sample_groups(model, [prompt], n, max_new_tokens=[max_new_tokens], **kw)[0]

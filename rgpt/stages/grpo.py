@@ -1,15 +1,15 @@
 """stage=grpo: reinforcement learning on verifiable tasks with GRPO's loss (rgpt.nn.grpo).
 
 Each micro-batch draws train.batch_size problems of the tasks that data.files names (rgpt.data.tasks: their
-train split), samples `grpo.group_size` replies to each through the KV cache (rgpt.inference.generate.
-sample_group), scores them with the task's code, normalises the rewards within each prompt's group into
-advantages, and takes GRPO's gradient through GPT.backward(dtoken_logp=...). Its data is generated, not read:
-the micro-batches the loop iterates over are only the draws' seeds (epoch, index), so a resumed run draws
-the same problems and the same replies, bit for bit. π_old is the policy at sampling time (one update per
-rollout, so the ratio is 1 up to the cached decode's rounding and the clip guards only against that), and
-π_ref is the frozen starting model, kept in memory beside the policy (the replies are new at every step, so
-its log-probabilities cannot be cached as DPO's are). Validation: −(mean reward) of greedy replies to the
-first `grpo.val_problems` held-out problems of each task (rgpt.inference.verify), so lower is better there
+train split), samples `grpo.group_size` replies to each through the KV cache, the micro-batch's all in one
+batch (rgpt.inference.generate.sample_groups), scores them with the task's code, normalises the rewards within
+each prompt's group into advantages, and takes GRPO's gradient through GPT.backward(dtoken_logp=...). Its data
+is generated, not read: the micro-batches the loop iterates over are only the draws' seeds (epoch, index), so
+a resumed run draws the same problems and the same replies, bit for bit. π_old is the policy at sampling time
+(one update per rollout, so the ratio is 1 up to the cached decode's rounding and the clip guards only against
+that), and π_ref is the frozen starting model, kept in memory beside the policy (the replies are new at every
+step, so its log-probabilities cannot be cached as DPO's are). Validation: −(mean reward) of greedy replies to
+the first `grpo.val_problems` held-out problems of each task (rgpt.inference.verify), so lower is better there
 as for the other stages; the train loss is GRPO's surrogate, which is ≈ 0 by construction (group-normalised
 advantages sum to zero and the ratio is 1): read grpo/reward instead.
 """
@@ -23,7 +23,7 @@ import torch
 
 from rgpt.data.tasks import TASKS, draw, held_out, reward, split
 from rgpt.data.tokenizer import PAD_ID
-from rgpt.inference.generate import sample_group
+from rgpt.inference.generate import sample_groups
 from rgpt.inference.verify import verify
 from rgpt.nn.grpo import GRPOLoss, group_advantages
 from rgpt.nn.loss import IGNORE_INDEX
@@ -166,18 +166,25 @@ class GRPO(Stage):
         """(idx, targets, old_logp, rewards, problems, replies) of one micro-batch: P problems, G replies each."""
         own, tok, m = self.own, self.ctx.tok, self.model
         problems = draw(self.pools, self.cfg.train.batch_size, self.cfg.seed, d.epoch, d.index)
-        g, seqs, rewards, replies = self._generator(d), [], [], []
-        m.eval()
-        for p in problems:
-            prompt = tok.encode_prompt([("user", p.prompt)])
-            cut = min(own.max_reply_tokens, m.config.block_size + 1 - len(prompt))  # nothing slides out
+        prompts = [tok.encode_prompt([("user", p.prompt)]) for p in problems]
+        cuts = [min(own.max_reply_tokens, m.config.block_size + 1 - len(q)) for q in prompts]  # no sliding
+        for p, cut in zip(problems, cuts):
             if cut < 1:
                 raise ValueError(
                     f"the prompt {p.prompt!r} does not fit the {m.config.block_size}-token window"
                 )
-            for ids, logps, ended in sample_group(
-                m, prompt, own.group_size, max_new_tokens=cut, temperature=own.temperature, generator=g
-            ):
+        m.eval()
+        groups = sample_groups(
+            m,
+            prompts,
+            own.group_size,
+            max_new_tokens=cuts,
+            temperature=own.temperature,
+            generator=self._generator(d),
+        )
+        seqs, rewards, replies = [], [], []
+        for p, prompt, group in zip(problems, prompts, groups):
+            for ids, logps, ended in group:
                 text = tok.decode(ids[:-1] if ended else ids)
                 seqs.append((prompt, ids, logps))
                 rewards.append(reward(p, text))

@@ -19,6 +19,7 @@ from rgpt.inference.generate import (
     next_token,
     penalise_repeats,
     sample_group,
+    sample_groups,
     stream,
     top_k_filter,
     top_p_filter,
@@ -404,3 +405,34 @@ def test_sample_group_logprobs_are_the_full_forwards_and_draws_repeat_with_the_g
         model.forward(full[:, :-1], targets[:, :-1])
         want = model.token_logprobs()[0, len(prompt) - 1 :]
         assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")
+
+
+@pytest.mark.parametrize("arch", [{}, {"pos": "rope", "n_kv_head": 2}], ids=["sinusoids", "rope-gqa"])
+def test_sample_groups_decode_prompts_of_any_length_together_each_within_its_cut(arch):
+    """GRPO's rollout of a micro-batch: P prompts of different lengths, n replies each, in one batch (each row at
+    its own position). Every reply's log-probabilities are those of the full forward over prompt + reply,
+    each reply keeps within its prompt's cut (one prompt fills the window to the last position), and the
+    same generator draws the same replies."""
+    model = tiny_model(block_size=12, **arch)
+    model.eval()
+    prompts, cuts, n = [[1, 7, 9, 3], [2, 5, 8, 11, 13, 4, 6, 9, 10], [1, 4]], [8, 4, 1], 5
+
+    def sampled():
+        g = make_generator(3, "cpu")
+        return sample_groups(model, prompts, n, max_new_tokens=cuts, temperature=1.3, generator=g)
+
+    groups = sampled()
+    assert groups == sampled(), "the same generator drew other replies"
+    assert [len(g) for g in groups] == [n] * len(prompts)
+    assert len({tuple(ids) for ids, _, _ in groups[0]}) > 1, "one prompt's replies are not all the same draw"
+    for prompt, cut, group in zip(prompts, cuts, groups):
+        for ids, logps, ended in group:
+            assert 1 <= len(ids) == len(logps) <= cut and len(prompt) + len(ids) <= 12 + 1
+            assert ended == (ids[-1] in END_OF_TURN) and not any(t in END_OF_TURN for t in ids[:-1])
+            assert ended or len(ids) == cut
+            full = torch.tensor([prompt + ids])
+            targets = torch.full_like(full, -100)
+            targets[0, len(prompt) - 1 : -1] = full[0, len(prompt) :]
+            model.forward(full[:, :-1], targets[:, :-1])
+            want = model.token_logprobs()[0, len(prompt) - 1 :]
+            assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")
