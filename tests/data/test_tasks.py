@@ -1,6 +1,7 @@
 """The verifiable tasks: generated problems, their hash split, the rewards of right, wrong and malformed
 replies, and the SFT warm-up corpus (read back by the SFT reader)."""
 
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,38 @@ def test_arithmetic_problems_are_right_and_phrased_as_the_sft_dialogues():
     assert len({p.prompt.replace("3", "").split("5")[0] for p in probs}) > 5  # several phrasings in use
 
 
+STEPS_52_7 = "个位12减7得5，十位5减1减0得4，"
+WORKED = re.compile(r"个位(\d+)([加减])(\d)得(\d+)，十位(\d)((?:[加减]\d)+)得(\d+)，等于(\d+)。")
+
+
+def test_every_worked_reply_is_true_step_by_step_and_scores_full_marks():
+    """The warm-up's replies: one-digit sums are the fact; the rest work column by column, and every step is
+    checked here by parsing it back (the units column's digits are the operands', a borrow adds 10 to them and
+    takes 1 from the tens, a carry adds 1, the tens and units make the result)."""
+    for p in TASKS["arithmetic"].problems():
+        op, a, b = p.key.split(":")
+        a, b, sign = int(a), int(b), "加" if op == "add" else "减"
+        assert reward(p, p.reply) == 1 + FORMAT_BONUS, p
+        if a < 10 and b < 10:
+            assert p.reply == f"{a}{sign}{b}等于{p.answer}。"
+            continue
+        m = WORKED.fullmatch(p.reply)
+        assert m, p.reply
+        x, s1, y, z, t, rest, u, total = m.groups()
+        assert s1 == sign and int(y) == b % 10 and int(x) % 10 == a % 10 and int(t) == a // 10
+        assert int(z) == (int(x) + int(y) if op == "add" else int(x) - int(y)) >= 0
+        terms = re.findall(r"([加减])(\d)", rest)
+        tens = int(t) + sum(int(d) if s2 == "加" else -int(d) for s2, d in terms)
+        assert int(u) == tens >= 0 and total == p.answer
+        if op == "add":
+            assert int(x) == a % 10 and int(total) == 10 * tens + int(z) % 10
+            assert [d for _, d in terms] == ([str(b // 10), "1"] if int(z) >= 10 else [str(b // 10)])
+        else:
+            borrow = int(x) >= 10
+            assert int(x) == a % 10 + 10 * borrow and int(total) == 10 * tens + int(z)
+            assert [d for _, d in terms] == (["1", str(b // 10)] if borrow else [str(b // 10)])
+
+
 def test_idiom_problems_blank_one_character():
     probs = TASKS["idiom"].problems()
     assert len(probs) > 500
@@ -49,7 +82,10 @@ def test_idiom_problems_blank_one_character():
         ("arithmetic", "add:3:5", "3加5等于8。", 1 + FORMAT_BONUS),  # right, well-formed
         ("arithmetic", "add:3:5", "等于8。可以数一数：3、4、5……", 1.0),  # right, another form
         ("arithmetic", "add:3:5", "8", 1.0),  # right, bare
-        ("arithmetic", "sub:52:7", "52减7等于45。", 1 + FORMAT_BONUS),
+        ("arithmetic", "sub:52:7", "52减7等于45。", 1 + FORMAT_BONUS),  # the short form is well-formed too
+        ("arithmetic", "sub:52:7", STEPS_52_7 + "等于45。", 1 + FORMAT_BONUS),  # worked, as taught
+        ("arithmetic", "sub:52:7", STEPS_52_7 + "等于44。", FORMAT_BONUS),  # a slip at the end
+        ("arithmetic", "sub:52:7", STEPS_52_7, 0.0),  # cut short: reads 12, malformed
         ("arithmetic", "add:3:5", "3加5等于9。", FORMAT_BONUS),  # wrong, well-formed
         ("arithmetic", "add:3:5", "我不知道。", 0.0),  # malformed: no number
         ("arithmetic", "add:3:5", "3加5等于", 0.0),  # malformed: reads the 3, which is wrong
