@@ -272,10 +272,12 @@ def serve(c: ServeConfig, device) -> None:
     web_server = uvicorn.Server(config)
     web = threading.Thread(target=web_server.run, kwargs={"sockets": [sock]}, name="rgpt-web", daemon=True)
     web.start()
-    print(f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        signal.signal(signal.SIGINT, _interrupt)  # before the line that says the server is up: a Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)  # sent as soon as it is read must find the handler
+        print(
+            f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True
+        )
         engine.run()  # returns only if the loop died: the web side goes on, answering 503, until Ctrl-C
         while web.is_alive():
             web.join(0.5)
