@@ -381,6 +381,17 @@ def test_a_vanishing_temperature_samples_greedily_not_nan():
 
 
 # ---- a group of samples (GRPO's rollouts) ---------------------------------------------------------------
+def assert_logps_of_the_full_forward(model, prompt, ids, logps):
+    """What a policy-gradient objective reads: each reply token's log-probability at temperature 1, no
+    masking, as the training forward computes it over prompt + reply."""
+    full = torch.tensor([prompt + ids])
+    targets = torch.full_like(full, -100)
+    targets[0, len(prompt) - 1 : -1] = full[0, len(prompt) :]
+    model.forward(full[:, :-1], targets[:, :-1])
+    want = model.token_logprobs()[0, len(prompt) - 1 :]
+    assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")
+
+
 def test_sample_group_logprobs_are_the_full_forwards_and_draws_repeat_with_the_generator():
     model = tiny_model(block_size=16)
     model.eval()
@@ -397,14 +408,7 @@ def test_sample_group_logprobs_are_the_full_forwards_and_draws_repeat_with_the_g
     for ids, logps, ended in group:
         assert len(ids) == len(logps) >= 1 and len(ids) <= max_new
         assert ended == (ids[-1] in END_OF_TURN) and not any(t in END_OF_TURN for t in ids[:-1])
-        # what a policy-gradient objective reads: each token's log-probability at temperature 1, no masking,
-        # as the training forward computes it over prompt + reply
-        full = torch.tensor([prompt + ids])
-        targets = torch.full_like(full, -100)
-        targets[0, len(prompt) - 1 : -1] = full[0, len(prompt) :]
-        model.forward(full[:, :-1], targets[:, :-1])
-        want = model.token_logprobs()[0, len(prompt) - 1 :]
-        assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")
+        assert_logps_of_the_full_forward(model, prompt, ids, logps)
 
 
 @pytest.mark.parametrize("arch", [{}, {"pos": "rope", "n_kv_head": 2}], ids=["sinusoids", "rope-gqa"])
@@ -430,9 +434,4 @@ def test_sample_groups_decode_prompts_of_any_length_together_each_within_its_cut
             assert 1 <= len(ids) == len(logps) <= cut and len(prompt) + len(ids) <= 12 + 1
             assert ended == (ids[-1] in END_OF_TURN) and not any(t in END_OF_TURN for t in ids[:-1])
             assert ended or len(ids) == cut
-            full = torch.tensor([prompt + ids])
-            targets = torch.full_like(full, -100)
-            targets[0, len(prompt) - 1 : -1] = full[0, len(prompt) :]
-            model.forward(full[:, :-1], targets[:, :-1])
-            want = model.token_logprobs()[0, len(prompt) - 1 :]
-            assert_close(torch.tensor(logps, dtype=DT), want, "sampling-time log-probabilities")
+            assert_logps_of_the_full_forward(model, prompt, ids, logps)
