@@ -164,8 +164,7 @@ class Batcher:
         """A prefilled reply takes slot n: its keys and values move from its own caches into the slab."""
         row.slot, L = len(self.rows), row.length
         for mine, slab in zip(row.caches, self.caches):
-            slab.k[row.slot, :, :L] = mine.k[0, :, :L]
-            slab.v[row.slot, :, :L] = mine.v[0, :, :L]
+            slab.copy_in(row.slot, mine, 0, L)
         row.caches = None
         self.rows.append(row)
 
@@ -175,8 +174,7 @@ class Batcher:
         if last is not row:
             i, L = row.slot, last.length
             for slab in self.caches:
-                slab.k[i, :, :L] = slab.k[last.slot, :, :L]
-                slab.v[i, :, :L] = slab.v[last.slot, :, :L]
+                slab.copy_in(i, slab, last.slot, L)
             self.rows[i], last.slot = last, i
         row.slot = None
 

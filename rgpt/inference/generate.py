@@ -345,8 +345,7 @@ def sample_groups(
         mine = model.new_kv_caches(1)
         first.append(model.forward_cached(_prompt_tensor(model, prompt), mine, last_only=True)[:, -1])
         for slab, c in zip(caches, mine):
-            slab.k[p * n : (p + 1) * n, :, : len(prompt)] = c.k[0, :, : len(prompt)]
-            slab.v[p * n : (p + 1) * n, :, : len(prompt)] = c.v[0, :, : len(prompt)]
+            slab.copy_in(slice(p * n, (p + 1) * n), c, 0, len(prompt))
     logits = torch.cat(first).repeat_interleave(n, dim=0)  # (B, V)
     start = torch.tensor([len(q) for q in prompts], device=dev).repeat_interleave(n)  # (B,) next positions
     limit = torch.tensor(cuts, device=dev).repeat_interleave(n)  # (B,) tokens a row may draw

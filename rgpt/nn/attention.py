@@ -26,6 +26,12 @@ class KVCache:
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
 
+    def copy_in(self, rows, source: "KVCache", row: int, length: int) -> None:
+        """Positions [0, length) of `source`'s row `row` into this cache's rows `rows` (an index or a slice:
+        one prompt's keys and values for several replies), in place."""
+        self.k[rows, :, :length] = source.k[row, :, :length]
+        self.v[rows, :, :length] = source.v[row, :, :length]
+
 
 class Rotary:
     """RoPE: each pair (x_i, x_{i+D/2}) of a query or key is rotated by the angle pos * 10000^(-2i/D).
