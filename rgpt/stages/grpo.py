@@ -40,12 +40,15 @@ STATS = ("kl", "clip_fraction", "reward", "advantage_std", "reply_length", "ende
 
 @dataclass
 class GRPOSettings:
-    group_size: int = 8  # G replies per prompt: the group whose rewards are normalised (DeepSeekMath: 64)
+    group_size: int = 16  # G replies per prompt, whose rewards are normalised together (DeepSeekMath: 64);
+    # 16 rather than 8: more groups with both right and wrong replies, the ones that teach
     clip_eps: float = 0.2  # PPO's ε: the ratio π/π_old is clipped to [1 − ε, 1 + ε] (the common value)
     kl_beta: float = 0.04  # β of the k3 KL penalty to the starting model (DeepSeekMath's 0.04)
-    max_reply_tokens: int = 32  # replies are cut here: a worked sum (个位…，十位…，等于…) is ~24 tokens
+    max_reply_tokens: int = 32  # replies are cut here: a worked sum (个位…，十位…，等于…) is ~22 tokens
     temperature: float = 1.0  # sampling temperature; 1 samples the policy itself (on-policy)
-    micro_batches: int = 32  # micro-batches that count as an epoch (validation and checkpoints follow epochs)
+    micro_batches: int = (
+        100  # micro-batches that count as an epoch (validation and checkpoints follow epochs)
+    )
     val_problems: int = 50  # held-out problems per task answered greedily at each validation
     adv_eps: float = 1e-4  # A = (r − mean) / (std + adv_eps): an all-equal group gets A = 0, not NaN
 
