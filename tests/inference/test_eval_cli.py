@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from rgpt.data import CorpusError
-from rgpt.data.tokenizer import BOS_ID, EOS_ID, UNK_ID
+from rgpt.data.tasks import held_out
+from rgpt.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 from rgpt.inference.evaluate import EvalConfig, EvalData, Scorer, char_f1, evaluate, windows
-from rgpt.inference.generate import DecodeConfig
+from rgpt.inference.generate import DecodeConfig, generate
+from rgpt.inference.verify import answers
 from rgpt.nn.model import GPT, GPTConfig
 from rgpt.settings import ConfigError, load
 from tests import fixtures_ckpt
@@ -228,11 +230,6 @@ def test_every_decoding_setting_reaches_eval_from_the_one_list():
 def test_verify_decodes_together_what_it_decodes_one_by_one():
     """task=verify's replies come from the batched decoder: the same replies as greedy generate() one problem
     at a time (slots 1, 3 and 32), prompts near the block size cut shorter, in the problems' order."""
-    from rgpt.data.tasks import held_out
-    from rgpt.data.tokenizer import Tokenizer
-    from rgpt.inference.generate import generate
-    from rgpt.inference.verify import answers
-
     problems = held_out(limit=12)
     tok = Tokenizer.build([t for p in problems for t in (p.prompt, p.reply)], min_freq=1, idioms=())
     torch.manual_seed(0)
