@@ -33,6 +33,7 @@ from rgpt.inference.generate import (
     make_generator,
     next_token,
     softmax_wide,
+    uniform,
 )
 
 
@@ -180,15 +181,16 @@ class Batcher:
 
     @staticmethod
     def _shared_work(picks: list) -> dict:
-        """The costly part of picking, done once for all the rows that pick plainly (no penalty, no top-k or
-        top-p, past min_new_tokens): {row: its argmax} for greedy rows, {row: (probabilities, their float64
-        CDF)} for sampled ones, one softmax and one cumsum per temperature. Row by row, 32 draws cost more
-        than model=small's decode step. The same numbers next_token computes for each row alone: each op
-        treats the rows alike, and the logits are divided by the same Python float."""
+        """{row: its next token} for the rows that pick plainly (no penalty, no top-k or top-p), picked for
+        all of them at once: one argmax for the greedy rows, and for the sampled ones one softmax and one
+        float64 CDF per temperature and one CDF inversion, each row with a uniform from its own generator.
+        A row still short of min_new_tokens has its stop ids masked in its own row first. Row by row, 32
+        picks cost more than model=small's whole decode step. The same numbers next_token computes for each
+        row alone: each op treats the rows alike, and the logits are divided by the same Python float."""
         greedy, sampled = [], {}
         for i, (row, _) in enumerate(picks):
             c = row.cfg
-            if c.repetition_penalty != 1.0 or row.generated < c.min_new_tokens:
+            if c.repetition_penalty != 1.0:
                 continue
             if c.method == "greedy" or c.temperature < MIN_TEMPERATURE:
                 greedy.append(i)
@@ -196,7 +198,10 @@ class Batcher:
                 sampled.setdefault(c.temperature, []).append(i)
         if not greedy and not sampled:
             return {}
-        logits = torch.cat([lg for _, lg in picks])  # (n, V)
+        logits = torch.cat([lg for _, lg in picks])  # (n, V), a copy: the stop ids can be masked in place
+        for i, (row, _) in enumerate(picks):
+            if row.generated < row.cfg.min_new_tokens and len(row.stop_ids):
+                logits[i, list(row.stop_ids)] = float("-inf")
         out = {}
         if greedy:
             ids = logits[greedy].argmax(dim=-1).tolist()
@@ -204,18 +209,17 @@ class Batcher:
         for temperature, rows in sampled.items():
             probs = softmax_wide(logits[rows] / temperature)  # (k, V)
             cdf = probs.to(torch.float64).cumsum(-1)
-            out |= {picks[i][0]: (probs[j : j + 1], cdf[j : j + 1]) for j, i in enumerate(rows)}
+            u = torch.cat([uniform(picks[i][0].generator, logits.device) for i in rows])  # (k, 1)
+            ids = draw(probs, cdf=cdf, u=u).tolist()
+            out |= {picks[i][0]: ids[j] for j, i in enumerate(rows)}
         return out
 
     def _pick(self, row: Row, logits, shared=None) -> Event:
         """The reply's next token, as stream() picks it; it ends at a stop id or after max_new_tokens.
-        shared: what _shared_work computed for this row, if anything."""
+        shared: the token _shared_work picked for this row, if it did."""
         cfg = row.cfg
-        if isinstance(shared, int):  # greedy
+        if shared is not None:
             token = shared
-        elif shared is not None:  # sampled: draw from the probabilities
-            probs, cdf = shared
-            token = int(draw(probs, row.generator, cdf))
         else:
             if row.generated < cfg.min_new_tokens and len(row.stop_ids):
                 stops = torch.tensor(list(row.stop_ids), dtype=torch.long, device=logits.device)

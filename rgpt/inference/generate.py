@@ -108,14 +108,21 @@ def next_token(logits, cfg: DecodeConfig, seen=None, generator=None):
     return draw(softmax_wide(logits), generator)
 
 
-def draw(probs, generator=None, cdf=None):
+def uniform(generator, device):
+    """(1, 1) float64 uniform in [0, 1): the one number a row's draw takes from its generator."""
+    return torch.rand(1, 1, dtype=torch.float64, device=device, generator=generator)
+
+
+def draw(probs, generator=None, cdf=None, u=None):
     """(B, V) probabilities -> (B,) ids, one draw from each row: the first id whose cumulative probability
     exceeds u x the row's total, for one uniform u per row (inverting the CDF, in float64). The same
     distribution as torch.multinomial, which draws V exponential numbers per row instead of one (500 us
     a token with an 8k vocabulary on CPU, more than model=small's whole decode step). `cdf`: the probabilities'
-    float64 cumulative sums, when the caller computed them (rgpt.inference.batch, for many rows at once)."""
+    float64 cumulative sums, and `u` (B, 1): each row's uniform, when the caller computed them
+    (rgpt.inference.batch, for many rows at once, each with its own generator)."""
     cdf = probs.to(torch.float64).cumsum(-1) if cdf is None else cdf  # (B, V)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
     # a zero-probability id can only come from rounding at the very top of the CDF: take the likeliest
     return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True)).squeeze(-1)

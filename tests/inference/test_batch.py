@@ -23,6 +23,9 @@ DECODES = {
     # plain picks: their argmax and their probabilities are computed for all rows at once (_shared_work)
     "plain-greedy": DecodeConfig(max_new_tokens=30, min_new_tokens=0),
     "plain-sampled": DecodeConfig(method="sample", seed=5, temperature=0.9, max_new_tokens=30),
+    # ... also before min_new_tokens, their stop ids masked in their own rows
+    "plain-greedy-min": DecodeConfig(max_new_tokens=30, min_new_tokens=6),
+    "plain-sampled-min": DecodeConfig(method="sample", seed=3, temperature=1.1, min_new_tokens=9, max_new_tokens=20),
     # no early end, so the windows slide; the penalty keeps a random model from one loop for every prompt
     "greedy": DecodeConfig(max_new_tokens=30, min_new_tokens=30, repetition_penalty=2.0),
     "sampled": DecodeConfig(
