@@ -8,7 +8,8 @@ reply is as long) and reports, as a Markdown table row per count:
 
   tokens/s of all clients together (their tokens over the wall time from the first request to the last
   end), the median client's tokens/s, time to first token p50/p95, and inter-token latency p50/p95 (the
-  gaps between a stream's successive chunks, over all streams).
+  gaps between a stream's successive chunks, over all streams), and the CPU time the server and the load
+  client (this process) spent meanwhile, in % of one core: both share the machine's cores.
 
 At the largest count it then asks every question again alone, one after another, and checks that each
 concurrent reply equals its lone reply (none crossed, none changed by its company); a difference fails.
@@ -83,10 +84,17 @@ def pct(xs, p: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 async def at_once(api, model: str, qs: list[str], args) -> dict:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), (cpu_seconds(args.server_pid), time.process_time())
     got = await asyncio.gather(*(ask(api, model, q, i, args) for i, q in enumerate(qs)))
     wall = time.perf_counter() - start
+    server_cpu, client_cpu = cpu_seconds(args.server_pid) - cpu[0], time.process_time() - cpu[1]
     ttft = [r["times"][0] - r["start"] for r in got if r["times"]]
     gaps = [b - a for r in got for a, b in zip(r["times"], r["times"][1:])]
     return {
@@ -101,6 +109,8 @@ async def at_once(api, model: str, qs: list[str], args) -> dict:
             "TTFT p95 ms": 1000 * pct(ttft, 95),
             "ITL p50 ms": 1000 * pct(gaps, 50) if gaps else float("nan"),
             "ITL p95 ms": 1000 * pct(gaps, 95) if gaps else float("nan"),
+            "server CPU %": 100 * server_cpu / wall,
+            "client CPU %": 100 * client_cpu / wall,
             "complete": sum(r["tokens"] == args.max_tokens for r in got),
         },
     }
@@ -183,6 +193,7 @@ def main() -> None:
         keys += [] if args.repo else [f"precision={args.precision}", *args.serve]
         env = {"PYTHONPATH": str(Path(args.repo).resolve())} if args.repo else None
         server = Server(*keys, threads=args.threads, cwd=tmp, env=env)
+        args.server_pid = server.proc.pid
         try:
             rows, crossed = asyncio.run(measure(server.url, server.model, args))
         finally:
