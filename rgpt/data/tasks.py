@@ -162,9 +162,12 @@ def draw(pools: list[list[Problem]], n: int, *key) -> list[Problem]:
     return [pool[rng.randrange(len(pool))] for pool in (pools[rng.randrange(len(pools))] for _ in range(n))]
 
 
-def warmup(out: Path, per_task: int = 2000, seed: int = 0, tasks=tuple(TASKS)) -> int:
-    """Write per_task dialogues of each task's train split (a right, well-formed reply each) as a JSONL
-    corpus stage=sft reads; returns how many."""
+WARMUP_PER_TASK = 500  # measured: enough to learn the forms; GRPO then has room to teach the rest (README)
+
+
+def warmup(out: Path, per_task: int = WARMUP_PER_TASK, seed: int = 0, tasks=tuple(TASKS)) -> int:
+    """Write per_task dialogues of each task's train split (a right, well-formed reply each; all of it when
+    the split is smaller) as a JSONL corpus stage=sft reads; returns how many."""
     rng, rows = random.Random(seed), []
     for name in tasks:
         train, _ = split(name)
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("warmup", help="write the SFT warm-up dialogues of the train split")
     w.add_argument("out", type=Path)
-    w.add_argument("--per-task", type=int, default=2000)
+    w.add_argument("--per-task", type=int, default=WARMUP_PER_TASK)
     w.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.per_task < 1:
