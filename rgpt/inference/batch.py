@@ -15,8 +15,11 @@ masked at their own lengths (per-row RoPE angles or sinusoids), so no reply sees
 
 A reply's tokens are picked exactly as rgpt.inference.generate.stream picks them (its own generator seeded
 by cfg.seed, its own repetition memory, min_new_tokens, the same window that slides when full), so a
-request gets the same text alone or among others: its logits in company equal its lone logits up to the
-rounding of a larger matrix product (within 1e-5 in fp32, tested), and greedy and seeded replies match.
+request gets the same text alone or among others. Its logits in company equal its lone logits up to the
+rounding of a larger matrix product (within 1e-5 in fp32, tested), and bit for bit where every product is
+batch-invariant: bf16 with packed weights (chat, eval and serve on CPU), and fp32 opened with
+batch_invariant=true (GPT.pack_for_inference: every product reads packed weights, and attention spans the
+whole slab, masked, so a row's products have the same shapes in any company).
 """
 
 import collections
@@ -120,7 +123,9 @@ class Batcher:
         if self.rows:
             idx = torch.tensor([r.token for r in self.rows], device=self.model.device)
             pos = torch.tensor([r.length for r in self.rows], device=self.model.device)
-            logits = self.model.forward_rows(idx, self.caches, pos)  # (n, V)
+            # batch-invariant: attention spans the whole slab, so a row's products have one shape in any company
+            span = self.caches[0].k.shape[2] if self.model.batch_invariant else None
+            logits = self.model.forward_rows(idx, self.caches, pos, span)  # (n, V)
             for i, r in enumerate(self.rows):
                 r.length += 1
                 picks.append((r, logits[i : i + 1]))

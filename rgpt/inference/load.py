@@ -10,10 +10,11 @@ from rgpt.runtime.checkpoint import CheckpointError, default_for_inference, find
 from rgpt.runtime.device import resolve_precision
 
 
-def open_model(checkpoint, out_dir, device, precision: str = "fp32"):
+def open_model(checkpoint, out_dir, device, precision: str = "fp32", batch_invariant: bool = False):
     """(model, tokenizer, checkpoint path): `checkpoint` (a checkpoint, a run or its checkpoints/ dir) or,
     when None, the best checkpoint of the newest SFT run under out_dir (else pretraining, with a notice).
-    precision: fp32, or bf16 (the products in bfloat16, as training's precision=bf16)."""
+    precision: fp32, or bf16 (the products in bfloat16, as training's precision=bf16). batch_invariant: see
+    GPT.pack_for_inference."""
     if checkpoint is None:
         path = default_for_inference(out_dir, warn=lambda m: note(f"note: {m}"))
         if path is None:
@@ -32,7 +33,7 @@ def open_model(checkpoint, out_dir, device, precision: str = "fp32"):
                     break
     compute = torch.bfloat16 if precision == "bf16" else None
     model, tok, _ = load_model(path, device=device, compute_dtype=compute)
-    model.pack_for_inference()  # bf16 on CPU: weights in oneDNN's layout (the same numbers, faster)
+    model.pack_for_inference(batch_invariant)  # on CPU: weights in oneDNN's layout (the same numbers, faster)
     return model, tok, path
 
 
@@ -48,8 +49,12 @@ class ModelChoice:
     # (half the bytes a token reads: faster with many replies at once where bf16 is native; one reply alone
     # is faster in fp32 on CPU, see the README's serving table); auto: bf16 where the hardware has it natively
     precision: str = "fp32"
+    # true: a reply decoded among others gets its lone logits bit for bit in fp32 too (bf16 already does):
+    # every product reads oneDNN-packed weights and attention spans the whole window. Costs one reply alone
+    # 15-30% of its fp32 speed on CPU (README: serving); only CPU with oneDNN packs
+    batch_invariant: bool = False
 
     def open(self, device):
         """(model, tokenizer, checkpoint path): see open_model; precision is checked here (ConfigError)."""
         precision = resolve_precision(self.precision, torch.device(device), log=note)
-        return open_model(self.checkpoint, self.out_dir, device, precision)
+        return open_model(self.checkpoint, self.out_dir, device, precision, self.batch_invariant)

@@ -82,6 +82,7 @@ class Linear(Layer):
 
     low_precision = True  # its products run in the compute dtype (bfloat16 under mixed precision)
     packed = None  # inference only: W in oneDNN's own layout (see pack); the products then read it
+    packed_rows = FEW_ROWS + 1  # float32 products of at least this many rows read the packed W (see pack)
 
     def __init__(self, n_in, n_out, *, std, device, dtype, bias=True):
         super().__init__()
@@ -89,26 +90,29 @@ class Linear(Layer):
         if bias:
             self.add_param("bias", torch.zeros(n_out, device=device, dtype=dtype))
 
-    def pack(self) -> bool:
+    def pack(self, every_row: bool = False) -> bool:
         """Inference on CPU: keep a copy of W reordered into oneDNN's blocked layout, which the products then
         read. torch's plain bfloat16 product reorders W on every call, so one decoded row read it at ~10 GB/s
         (model=base decoded slower in bf16 than in fp32); packed, bf16 gives the same numbers bit for bit,
         several times faster, whatever the number of rows (batch-invariant, tested). float32 products of more
         than FEW_ROWS rows (replies decoded together) read it too: 1.3-2x faster than addmm; fewer rows keep
-        _few_rows, faster there. Training never packs: W changes every step. Returns whether it packed (not
-        on other devices or dtypes, or without oneDNN)."""
+        _few_rows, faster there (one decoded row: 15-30% on this project's CPU), unless every_row: then every
+        float32 product reads it, and a row's product no longer depends on how many rows share it (tested).
+        Training never packs: W changes every step. Returns whether it packed (not on other devices or
+        dtypes, or without oneDNN)."""
         w = self.params["weight"]
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return False
         if not torch.backends.mkldnn.is_available():
             return False
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)  # 16: a batch-size hint only
+        self.packed_rows = 1 if every_row else FEW_ROWS + 1
         return True
 
     def forward(self, x):  # x: (..., in)
         w, b = self.params["weight"], self.params.get("bias")
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in), M = product of the leading dims
-        if self.packed is not None and (w.dtype == torch.bfloat16 or x2.shape[0] > FEW_ROWS):  # see pack
+        if self.packed is not None and (w.dtype == torch.bfloat16 or x2.shape[0] >= self.packed_rows):
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, b, "none", [], "")
             return y.view(*x.shape[:-1], w.shape[0])
         y = _few_rows(x2, w, b)  # None unless a handful of float32 rows on CPU (decoding)

@@ -181,6 +181,7 @@ class GPT:
         self.criterion = CrossEntropy()
         self._bind_params()
         self.training = True
+        self.batch_invariant = False  # see pack_for_inference
 
     # ---- parameters -------------------------------------------------------------------------------
     def _named_layers(self):
@@ -312,10 +313,15 @@ class GPT:
         self.wte.backward(dx)  # the positional table (if any) is fixed: nothing to accumulate there
 
     # ---- inference with a KV cache ----------------------------------------------------------------
-    def pack_for_inference(self) -> int:
+    def pack_for_inference(self, batch_invariant: bool = False) -> int:
         """Inference only, once the weights are final: the bfloat16 products on CPU read weights packed for
-        oneDNN (Linear.pack; faster, the same numbers). Returns how many layers packed (0 elsewhere)."""
-        return sum(layer.pack() for _, layer in self._named_layers() if type(layer) in (Linear, TiedHead))
+        oneDNN (Linear.pack; faster, the same numbers). batch_invariant: every float32 product reads them too,
+        and replies decoded together attend over the whole slab (rgpt.inference.batch), so a reply's logits
+        in company are its lone logits bit for bit (bfloat16's already are). Returns how many layers packed
+        (0 elsewhere)."""
+        self.batch_invariant = batch_invariant
+        layers = [layer for _, layer in self._named_layers() if type(layer) in (Linear, TiedHead)]
+        return sum(layer.pack(every_row=batch_invariant) for layer in layers)
 
     def new_kv_caches(self, batch, max_len=None):
         cfg = self.config
@@ -351,17 +357,20 @@ class GPT:
             self.ln_f.forward(x)
         )  # (B, T_new or 1, V); layer caches are left as they are
 
-    def forward_rows(self, idx, caches, pos):
+    def forward_rows(self, idx, caches, pos, n_keys=None):
         """Logits (B, V) of one new token for each of B replies decoded together (rgpt.inference.batch).
 
         idx (B,) long: each reply's newest token; pos (B,) long: its position, which is also how many
         earlier tokens rows [0, B) of the caches (new_kv_caches(slots), slots >= B) hold for it. Each
         reply's key and value are written at its own position; the caller advances its lengths.
+        n_keys: how many cache positions attention spans, each row masked past its own (default: the
+        fewest, max(pos) + 1). A fixed span (the caches' length) gives a row's products the same shapes
+        whatever its company: with packed weights (Linear.pack) its logits are then its lone ones bit for bit.
         """
-        n_keys = int(pos.max()) + 1
-        if n_keys > self.config.block_size:
+        n_keys = int(pos.max()) + 1 if n_keys is None else n_keys
+        if int(pos.max()) >= min(n_keys, self.config.block_size):
             raise ValueError(
-                f"KV cache overflow: position {n_keys - 1} >= block_size {self.config.block_size}"
+                f"KV cache overflow: position {int(pos.max())} >= block_size {self.config.block_size}"
             )
         x = self.wte.forward(idx[:, None])  # (B, 1, C)
         if self.wpe is not None:

@@ -47,7 +47,7 @@ def lone_logits(model, prompt, token):
     return model.forward_cached(torch.tensor([[token]]), caches)[0, -1]
 
 
-def slab_logits(model, ps, tokens, slots):
+def slab_logits(model, ps, tokens, slots, n_keys=None):
     """One forward_rows over replies of different lengths, their prompts placed in slots [0, len(ps))."""
     slab = model.new_kv_caches(slots)
     for i, p in enumerate(ps):
@@ -55,7 +55,7 @@ def slab_logits(model, ps, tokens, slots):
         model.forward_cached(torch.tensor([p]), mine)
         for own, shared in zip(mine, slab):
             shared.k[i, :, : len(p)], shared.v[i, :, : len(p)] = own.k[0, :, : len(p)], own.v[0, :, : len(p)]
-    return model.forward_rows(torch.tensor(tokens), slab, torch.tensor([len(p) for p in ps]))
+    return model.forward_rows(torch.tensor(tokens), slab, torch.tensor([len(p) for p in ps]), n_keys)
 
 
 @pytest.mark.parametrize("arch", ARCHS_GQA)
@@ -174,9 +174,11 @@ def test_packed_bfloat16_weights_give_the_same_numbers_for_any_number_of_rows(ar
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_packed_float32_weights_serve_many_rows_and_leave_few_rows_alone():
+@pytest.mark.parametrize("every_row", [False, True], ids=["default", "batch-invariant"])
+def test_packed_float32_weights_serve_many_rows_and_leave_few_rows_alone(every_row):
     """float32: more than FEW_ROWS rows (replies decoded together) read the packed weight, the same
-    products up to rounding; a row's product is the same in any such company; fewer rows are untouched."""
+    products up to rounding; a row's product is the same in any such company; fewer rows are untouched,
+    unless packed for batch invariance: then a row's product is the same in any company, one row included."""
     torch.manual_seed(5)
     cfg = GPTConfig(vocab_size=300, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=48)
     model = GPT(cfg)
@@ -185,12 +187,71 @@ def test_packed_float32_weights_serve_many_rows_and_leave_few_rows_alone():
     xs = [torch.randn(24, layer.params["weight"].shape[1]) for layer in linears]
     plain = [layer.forward(x) for layer, x in zip(linears, xs)]
     few = [layer.forward(x[:FEW_ROWS]) for layer, x in zip(linears, xs)]
-    assert model.pack_for_inference() == len(linears)
+    assert model.pack_for_inference(batch_invariant=every_row) == len(linears)
     for layer, x, y, y_few in zip(linears, xs, plain, few):
-        torch.testing.assert_close(layer.forward(x), y, rtol=1e-5, atol=1e-6)
-        assert torch.equal(layer.forward(x[:FEW_ROWS]), y_few)
-        for rows in (FEW_ROWS + 1, 9, 16):
-            assert torch.equal(layer.forward(x[:rows]), layer.forward(x)[:rows])
+        together = layer.forward(x)
+        torch.testing.assert_close(together, y, rtol=1e-5, atol=1e-6)
+        if not every_row:
+            assert torch.equal(layer.forward(x[:FEW_ROWS]), y_few)
+        for rows in (1, 2, FEW_ROWS, FEW_ROWS + 1, 9, 16)[0 if every_row else 3 :]:
+            assert torch.equal(layer.forward(x[:rows]), together[:rows]), rows
+
+
+def invariant_fp32_model(**arch):
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=300, n_embd=64, n_head=4, n_layer=2, n_hidden=128, block_size=48, **arch)
+    model = GPT(cfg)
+    model.eval()
+    if not model.pack_for_inference(batch_invariant=True):
+        pytest.skip("no oneDNN")
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS_GQA)
+def test_batch_invariant_float32_logits_in_company_are_the_lone_logits_bit_for_bit(arch):
+    """float32 opened with batch_invariant=true: 24 replies of different lengths in one batched step, each
+    with exactly the logits it gets decoded alone (its products have the same shapes in any company: every
+    product reads packed weights, attention spans the whole slab)."""
+    model = invariant_fp32_model(**ARCHS_GQA[arch])
+    g = torch.Generator().manual_seed(2)
+    ps = [
+        torch.randint(5, 300, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 47, (24,), generator=g)
+    ]
+    tokens = torch.randint(5, 300, (24,), generator=g).tolist()
+    with torch.no_grad():
+        got = slab_logits(model, ps, tokens, slots=32, n_keys=48)  # the whole slab, as the Batcher's steps
+        for i, (p, t) in enumerate(zip(ps, tokens)):
+            assert torch.equal(got[i], slab_logits(model, [p], [t], slots=32, n_keys=48)[0]), i
+
+
+@pytest.mark.parametrize("decode", ["plain-sampled", "sampled"])
+def test_batch_invariant_float32_replies_together_equal_alone_through_the_batcher(decode):
+    """Whole sampled replies, every token's logits compared: 10 replies joining and leaving 4 slots against
+    each decoded alone, in float32 with batch_invariant=true (no rounding between them to hide)."""
+    model = invariant_fp32_model(**ARCHS["all"])
+    ps = prompts(vocab=300)
+    cfgs = [dataclasses.replace(DECODES[decode], seed=100 + i) for i in range(len(ps))]
+
+    def logits_of(idx, slots):
+        batcher, seen = Batcher(model, slots, 3), {i: [] for i in idx}
+        pick = batcher._pick
+        batcher._pick = lambda row, logits, shared=None: (
+            seen[row.key].append(logits.clone()) or pick(row, logits, shared)
+        )
+        todo = list(idx)
+        with torch.no_grad():
+            while todo or len(batcher):
+                while todo and len(batcher) < slots:
+                    i = todo.pop(0)
+                    batcher.add(Row(ps[i], cfgs[i], key=i))
+                batcher.step()
+        return seen
+
+    together = logits_of(range(len(ps)), 4)
+    for i in range(len(ps)):
+        alone = logits_of([i], 1)[i]
+        assert len(alone) == len(together[i]) and all(map(torch.equal, alone, together[i])), i
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():

@@ -352,14 +352,16 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(strict_server):
     wait_for(s, active=0, queued=0, timeout=5)
 
 
-@pytest.fixture(params=["fp32", "bf16"])
+@pytest.fixture(params=["fp32", "bf16", "fp32-invariant"])
 def any_precision_server(request, open_server, tiny_run, tmp_path_factory):
-    """(server, precision): the module's fp32 server, or one with bfloat16 products (precision=bf16)."""
+    """(server, its settings): the module's fp32 server, one with bfloat16 products (precision=bf16), or
+    one whose fp32 products are batch-invariant (batch_invariant=true)."""
     if request.param == "fp32":
-        yield open_server, "fp32"
+        yield open_server, "precision=fp32"
         return
-    server = Server(f"checkpoint={tiny_run[1]}", "precision=bf16", cwd=tmp_path_factory.mktemp("bf16"))
-    yield server, "bf16"
+    keys = "precision=bf16" if request.param == "bf16" else "batch_invariant=true"
+    server = Server(f"checkpoint={tiny_run[1]}", keys, cwd=tmp_path_factory.mktemp(request.param))
+    yield server, keys
     code, stderr = server.stop()
     assert code == 0 and "Traceback" not in stderr, stderr
 
@@ -367,10 +369,10 @@ def any_precision_server(request, open_server, tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_concurrent_streams_never_cross(any_precision_server, tiny_run, tmp_path):
     """32 streams at once, distinct questions, decoded together: each reply equals the chat CLI's reply to
-    it alone (in the same precision). The taught questions are answered greedily; the others are sampled
+    it alone (with the same settings). The taught questions are answered greedily; the others are sampled
     with a seed each, so that their replies differ (greedy, the tiny model answers most unknown questions
     alike) and a crossed token shows."""
-    open_server, precision = any_precision_server
+    open_server, keys = any_precision_server
     _, ckpt = tiny_run
     _, tok, _ = trained()
     chars = [t for t in tok.tokens if len(t) == 1 and "\u4e00" <= t <= "\u9fff"]
@@ -379,7 +381,7 @@ def test_concurrent_streams_never_cross(any_precision_server, tiny_run, tmp_path
         (chars[i % len(chars)] + chars[(7 * i + 3) % len(chars)], f"method=sample temperature=2 seed={i}")
         for i in range(32 - len(requests))
     ]
-    expected = chat_replies(ckpt, requests, "max_new_tokens=30", f"precision={precision}", cwd=tmp_path)
+    expected = chat_replies(ckpt, requests, "max_new_tokens=30", keys, cwd=tmp_path)
     assert expected[: len(ANSWERS)] == list(ANSWERS.values())
     assert len(set(expected)) >= 20, f"too few distinct replies to tell crossed streams apart: {expected}"
 
