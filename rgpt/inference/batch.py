@@ -3,7 +3,8 @@
 The server's engine and eval's exact match drive a Batcher. Each step() does two things:
 
   prefill  up to `prefill_chunk` prompt tokens of the replies waiting to start, oldest first, each into a
-           private KV cache (a long prompt takes several steps, so it never stalls the others for long);
+           private KV cache (a long prompt takes several steps, so it never stalls the others for long;
+           batch-invariant, a prompt is cut into chunks of prefill_chunk from its own start);
   decode   one token for every reply in the slab, in one forward (GPT.forward_rows): the weights are read
            once for all of them, which is where the speed comes from on a memory-bound machine.
 
@@ -146,9 +147,13 @@ class Batcher:
     # ---- the steps ----------------------------------------------------------------------------------
     def _prefill(self, failed: list) -> list:
         budget, ready = self.prefill_chunk, []
+        whole = self.model.batch_invariant  # chunks cut from each prompt's own start, whatever the queue
         while budget and self.queue:
             row = self.queue[0]
-            chunk, row.todo = row.todo[:budget], row.todo[budget:]
+            size = self.prefill_chunk if whole else budget
+            if len(row.todo[:size]) > budget:  # whole chunks only: this one waits for the next step
+                break
+            chunk, row.todo = row.todo[:size], row.todo[size:]
             budget -= len(chunk)
             logits = self._guarded(self._prefill_chunk, row, chunk)
             if isinstance(logits, Event):  # its prefill failed (and drop() took it off the queue)

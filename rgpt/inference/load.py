@@ -34,6 +34,8 @@ def open_model(checkpoint, out_dir, device, precision: str = "fp32", batch_invar
     compute = torch.bfloat16 if precision == "bf16" else None
     model, tok, _ = load_model(path, device=device, compute_dtype=compute)
     model.pack_for_inference(batch_invariant)  # on CPU: weights in oneDNN's layout (the same numbers, faster)
+    if batch_invariant and not model.batch_invariant:
+        note("note: batch_invariant=true needs every weight packed for oneDNN (CPU); decoding as without it")
     return model, tok, path
 
 

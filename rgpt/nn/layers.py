@@ -77,6 +77,13 @@ def _few_rows(x2, w, b):
     return yk.view(out, M).t().contiguous()  # (M, out)
 
 
+def _packed(x2, packed, b):
+    """x2 @ W.T + b with W packed by Linear.pack. oneDNN gives a row the same float32 result in any company
+    of 2 or more rows, but a lone row of a wide input (1,536 and more on an AVX-512 CPU) takes another
+    kernel: batch-invariant callers pass a lone row twice."""
+    return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, b, "none", [], "")
+
+
 class Linear(Layer):
     """y = x @ W.T + b, with W of shape (out, in) as in torch.nn.Linear (so nanoGPT weights load by name)."""
 
@@ -113,7 +120,8 @@ class Linear(Layer):
         w, b = self.params["weight"], self.params.get("bias")
         x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (M, in), M = product of the leading dims
         if self.packed is not None and (w.dtype == torch.bfloat16 or x2.shape[0] >= self.packed_rows):
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, b, "none", [], "")
+            one = self.packed_rows == 1 and x2.shape[0] == 1  # a lone row, batch-invariant: see _packed
+            y = _packed(x2.expand(2, -1) if one else x2, self.packed, b)[: x2.shape[0]]
             return y.view(*x.shape[:-1], w.shape[0])
         y = _few_rows(x2, w, b)  # None unless a handful of float32 rows on CPU (decoding)
         if y is None:

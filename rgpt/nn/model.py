@@ -319,9 +319,10 @@ class GPT:
         and replies decoded together attend over the whole slab (rgpt.inference.batch), so a reply's logits
         in company are its lone logits bit for bit (bfloat16's already are). Returns how many layers packed
         (0 elsewhere)."""
-        self.batch_invariant = batch_invariant
         layers = [layer for _, layer in self._named_layers() if type(layer) in (Linear, TiedHead)]
-        return sum(layer.pack(every_row=batch_invariant) for layer in layers)
+        packed = sum(layer.pack(every_row=batch_invariant) for layer in layers)
+        self.batch_invariant = batch_invariant and packed == len(layers)  # unpacked products are not
+        return packed
 
     def new_kv_caches(self, batch, max_len=None):
         cfg = self.config
@@ -367,10 +368,11 @@ class GPT:
         fewest, max(pos) + 1). A fixed span (the caches' length) gives a row's products the same shapes
         whatever its company: with packed weights (Linear.pack) its logits are then its lone ones bit for bit.
         """
-        n_keys = int(pos.max()) + 1 if n_keys is None else n_keys
-        if int(pos.max()) >= min(n_keys, self.config.block_size):
+        last, room = int(pos.max()), caches[0].k.shape[2]
+        n_keys = last + 1 if n_keys is None else n_keys
+        if last >= room or not last < n_keys <= room:
             raise ValueError(
-                f"KV cache overflow: position {int(pos.max())} >= block_size {self.config.block_size}"
+                f"KV cache overflow: position {last} with attention over {n_keys} of the caches' {room} positions"
             )
         x = self.wte.forward(idx[:, None])  # (B, 1, C)
         if self.wpe is not None:

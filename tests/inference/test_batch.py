@@ -225,6 +225,30 @@ def test_batch_invariant_float32_logits_in_company_are_the_lone_logits_bit_for_b
             assert torch.equal(got[i], slab_logits(model, [p], [t], slots=32, n_keys=48)[0]), i
 
 
+def token_logits(model, ps, cfgs, idx, slots, chunk):
+    """{i: the logits each token of reply i was picked from}, replies idx decoded by one Batcher."""
+    batcher, seen = Batcher(model, slots, chunk), {i: [] for i in idx}
+    pick = batcher._pick
+    batcher._pick = lambda row, logits, shared=None: (
+        seen[row.key].append(logits.clone()) or pick(row, logits, shared)
+    )
+    todo = list(idx)
+    with torch.no_grad():
+        while todo or len(batcher):
+            while todo and len(batcher) < slots:
+                i = todo.pop(0)
+                batcher.add(Row(ps[i], cfgs[i], key=i))
+            batcher.step()
+    return seen
+
+
+def assert_alone_equals_together(model, ps, cfgs, slots, chunk):
+    together = token_logits(model, ps, cfgs, range(len(ps)), slots, chunk)
+    for i in range(len(ps)):
+        alone = token_logits(model, ps, cfgs, [i], 1, chunk)[i]
+        assert len(alone) == len(together[i]) and all(map(torch.equal, alone, together[i])), i
+
+
 @pytest.mark.parametrize("decode", ["plain-sampled", "sampled"])
 def test_batch_invariant_float32_replies_together_equal_alone_through_the_batcher(decode):
     """Whole sampled replies, every token's logits compared: 10 replies joining and leaving 4 slots against
@@ -232,26 +256,22 @@ def test_batch_invariant_float32_replies_together_equal_alone_through_the_batche
     model = invariant_fp32_model(**ARCHS["all"])
     ps = prompts(vocab=300)
     cfgs = [dataclasses.replace(DECODES[decode], seed=100 + i) for i in range(len(ps))]
+    assert_alone_equals_together(model, ps, cfgs, slots=4, chunk=3)
 
-    def logits_of(idx, slots):
-        batcher, seen = Batcher(model, slots, 3), {i: [] for i in idx}
-        pick = batcher._pick
-        batcher._pick = lambda row, logits, shared=None: (
-            seen[row.key].append(logits.clone()) or pick(row, logits, shared)
-        )
-        todo = list(idx)
-        with torch.no_grad():
-            while todo or len(batcher):
-                while todo and len(batcher) < slots:
-                    i = todo.pop(0)
-                    batcher.add(Row(ps[i], cfgs[i], key=i))
-                batcher.step()
-        return seen
 
-    together = logits_of(range(len(ps)), 4)
-    for i in range(len(ps)):
-        alone = logits_of([i], 1)[i]
-        assert len(alone) == len(together[i]) and all(map(torch.equal, alone, together[i])), i
+def test_batch_invariant_float32_holds_for_wide_layers_and_long_prompts():
+    """Where a lone row of a wide product takes another oneDNN kernel (inputs of 1,536 and more) and where
+    a prompt's prefill chunks would follow the queue: prompts longer than the chunk, in company and alone."""
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=2000, n_embd=512, n_head=8, n_layer=4, n_hidden=2048, block_size=64)
+    model = GPT(cfg)
+    model.eval()
+    if not model.pack_for_inference(batch_invariant=True):
+        pytest.skip("no oneDNN")
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(5, 2000, (n,), generator=g).tolist() for n in (50, 20, 37, 9, 44)]
+    cfgs = [DecodeConfig(method="sample", seed=i, max_new_tokens=6, min_new_tokens=6) for i in range(len(ps))]
+    assert_alone_equals_together(model, ps, cfgs, slots=3, chunk=16)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
