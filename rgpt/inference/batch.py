@@ -59,6 +59,10 @@ class Row:
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (1, V) tokens generated so far, for the repetition penalty
 
+    def too_short(self) -> bool:
+        """Whether its stop ids are still barred (fewer than min_new_tokens generated)."""
+        return self.generated < self.cfg.min_new_tokens and len(self.stop_ids) > 0
+
 
 @dataclass
 class Event:
@@ -151,7 +155,7 @@ class Batcher:
         while budget and self.queue:
             row = self.queue[0]
             size = self.prefill_chunk if whole else budget
-            if len(row.todo[:size]) > budget:  # whole chunks only: this one waits for the next step
+            if min(size, len(row.todo)) > budget:  # whole chunks only: this one waits for the next step
                 break
             chunk, row.todo = row.todo[:size], row.todo[size:]
             budget -= len(chunk)
@@ -210,7 +214,7 @@ class Batcher:
             return {}
         logits = torch.cat([lg for _, lg in picks])  # (n, V), a copy: the stop ids can be masked in place
         for i, (row, _) in enumerate(picks):
-            if row.generated < row.cfg.min_new_tokens and len(row.stop_ids):
+            if row.too_short():
                 logits[i, list(row.stop_ids)] = float("-inf")
         out = {}
         if greedy:
@@ -231,7 +235,7 @@ class Batcher:
         if shared is not None:
             token = shared
         else:
-            if row.generated < cfg.min_new_tokens and len(row.stop_ids):
+            if row.too_short():
                 stops = torch.tensor(list(row.stop_ids), dtype=torch.long, device=logits.device)
                 logits = logits.index_fill(-1, stops, float("-inf"))
             token = int(next_token(logits, cfg, row.seen, row.generator))

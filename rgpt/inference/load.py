@@ -53,7 +53,7 @@ class ModelChoice:
     precision: str = "fp32"
     # true: a reply decoded among others gets its lone logits bit for bit in fp32 too (bf16 already does):
     # every product reads oneDNN-packed weights and attention spans the whole window. Costs one reply alone
-    # 15-30% of its fp32 speed on CPU (README: serving); only CPU with oneDNN packs
+    # up to a third of its fp32 speed on CPU (README: serving); only CPU with oneDNN packs
     batch_invariant: bool = False
 
     def open(self, device):

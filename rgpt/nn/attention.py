@@ -230,8 +230,9 @@ class CausalSelfAttention(Layer):
         """Inference, one new token for each of B replies at once: x (B, 1, C), row b at position pos[b]
         (B,) of its own; rows [0, B) of the cache hold each reply's earlier keys and values. later (B, L)
         bool, L > max(pos) the positions attention spans: True at those a row has not reached
-        (GPT.forward_rows makes it once for all layers). The same products as forward_cached, each row masked at its own length: a
-        row's result does not depend on the other rows (up to the rounding of a larger product).
+        (GPT.forward_rows makes it once for all layers). The same products as forward_cached, each row
+        masked at its own length: a row's result does not depend on the other rows (up to the rounding of a
+        larger product).
         """
         B, _, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_size

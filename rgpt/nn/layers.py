@@ -103,7 +103,7 @@ class Linear(Layer):
         (model=base decoded slower in bf16 than in fp32); packed, bf16 gives the same numbers bit for bit,
         several times faster, whatever the number of rows (batch-invariant, tested). float32 products of more
         than FEW_ROWS rows (replies decoded together) read it too: 1.3-2x faster than addmm; fewer rows keep
-        _few_rows, faster there (one decoded row: 15-30% on this project's CPU), unless every_row: then every
+        _few_rows, faster there (one decoded row: up to a third on this project's CPU), unless every_row: then every
         float32 product reads it, and a row's product no longer depends on how many rows share it (tested).
         Training never packs: W changes every step. Returns whether it packed (not on other devices or
         dtypes, or without oneDNN)."""
