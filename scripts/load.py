@@ -144,7 +144,8 @@ def bare_decode(checkpoint, args) -> float:
 
     torch.set_num_threads(args.threads)
     with torch.no_grad():
-        model, tok, _ = open_model(checkpoint, None, "cpu", args.precision)
+        invariant = "batch_invariant=true" in args.serve  # timed as the server decodes
+        model, tok, _ = open_model(checkpoint, None, "cpu", args.precision, invariant)
         prompt = tok.encode_prompt([("user", questions(1)[0])])
         n = args.max_tokens
         cfg = DecodeConfig(max_new_tokens=n, min_new_tokens=n)
