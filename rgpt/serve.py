@@ -2,7 +2,8 @@
 
 Serves a trained model over HTTP (every key: ServeConfig in rgpt/inference/server.py; `--cfg job` prints
 them): OpenAI's POST /v1/chat/completions (streamed or not), GET /v1/models, GET /health, and a chat page at
-/. One model is loaded; requests queue and are decoded by one worker thread (rgpt.inference.engine).
+/. One model is loaded, in a decoding process of its own (rgpt.inference.decoder); requests queue there
+and are decoded together (rgpt.inference.engine is the web side's handle on it).
 The address it listens on is printed to stderr once it accepts connections; Ctrl-C stops it.
 An API key is best given as RGPT_API_KEY=KEY in the environment (api_key=KEY works too, but every
 user of the machine sees a command line in ps); a host other than loopback needs one.

@@ -8,8 +8,9 @@ reply is as long) and reports, as a Markdown table row per count:
 
   tokens/s of all clients together (their tokens over the wall time from the first request to the last
   end), the median client's tokens/s, time to first token p50/p95, and inter-token latency p50/p95 (the
-  gaps between a stream's successive chunks, over all streams), and the CPU time the server and the load
-  client (this process) spent meanwhile, in % of one core: both share the machine's cores.
+  gaps between a stream's successive chunks, over all streams), and the CPU time the server's web process,
+  its decoding process and the load client (this process) spent meanwhile, in % of one core: all three
+  share the machine's cores (a server older than the decoding process has all its work in "web").
 
 At the largest count it then asks every question again alone, one after another, and checks that each
 concurrent reply equals its lone reply (none crossed, none changed by its company); a difference fails.
@@ -90,11 +91,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the server's web process and of its decoding process (its child; 0 if it has none)."""
+    tasks = Path(f"/proc/{pid}/task")
+    children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    return cpu_seconds(pid), sum(cpu_seconds(c) for c in children)
+
+
 async def at_once(api, model: str, qs: list[str], args) -> dict:
-    start, cpu = time.perf_counter(), (cpu_seconds(args.server_pid), time.process_time())
+    start, cpu = time.perf_counter(), (server_cpu(args.server_pid), time.process_time())
     got = await asyncio.gather(*(ask(api, model, q, i, args) for i, q in enumerate(qs)))
     wall = time.perf_counter() - start
-    server_cpu, client_cpu = cpu_seconds(args.server_pid) - cpu[0], time.process_time() - cpu[1]
+    (web, decoder), client_cpu = server_cpu(args.server_pid), time.process_time() - cpu[1]
+    web, decoder = web - cpu[0][0], decoder - cpu[0][1]
     ttft = [r["times"][0] - r["start"] for r in got if r["times"]]
     gaps = [b - a for r in got for a, b in zip(r["times"], r["times"][1:])]
     return {
@@ -109,7 +118,8 @@ async def at_once(api, model: str, qs: list[str], args) -> dict:
             "TTFT p95 ms": 1000 * pct(ttft, 95),
             "ITL p50 ms": 1000 * pct(gaps, 50) if gaps else float("nan"),
             "ITL p95 ms": 1000 * pct(gaps, 95) if gaps else float("nan"),
-            "server CPU %": 100 * server_cpu / wall,
+            "web CPU %": 100 * web / wall,
+            "decoder CPU %": 100 * decoder / wall,
             "client CPU %": 100 * client_cpu / wall,
             "complete": sum(r["tokens"] == args.max_tokens for r in got),
         },

@@ -46,6 +46,13 @@ class Server:
                 self.ready.set()
         self.ready.set()  # the process ended
 
+    def decoder(self) -> int:
+        """The pid of the server's decoding process (rgpt.inference.decoder), its one child."""
+        tasks = f"/proc/{self.proc.pid}/task"
+        children = [int(p) for t in os.listdir(tasks) for p in open(f"{tasks}/{t}/children").read().split()]
+        assert len(children) == 1, children
+        return children[0]
+
     def stop(self, timeout=20.0) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

@@ -98,9 +98,9 @@ class Conversation:
         return ids + [USER_ID, *question, ASSISTANT_ID], question, notices
 
 
-def context_window(model, context_tokens: int | None) -> int:
+def context_window(block_size: int, context_tokens: int | None) -> int:
     """Tokens of prompt + reply a conversation keeps: context_tokens, or the model's whole window."""
-    n = model.config.block_size
+    n = block_size
     if context_tokens is not None and context_tokens > n:
         raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
     return context_tokens or n
@@ -156,7 +156,7 @@ class Chat:
 
     def __init__(self, model, tok, decode: DecodeConfig, context_tokens: int | None = None):
         self.model, self.tok, self.decode = model, tok, decode
-        self.context_tokens = context_window(model, context_tokens)
+        self.context_tokens = context_window(model.config.block_size, context_tokens)
         self.generator = make_generator(decode.seed, model.device)
         self.conversation = Conversation(self.budget())
 

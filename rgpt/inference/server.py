@@ -10,18 +10,20 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from rgpt.data.vocab import load_tokenizer
 from rgpt.inference.api import Service, create_app
 from rgpt.inference.conversation import ReplySettings, context_window
 from rgpt.inference.engine import Engine
 from rgpt.inference.generate import DecodeConfig
 from rgpt.inference.load import ModelChoice
+from rgpt.runtime.checkpoint import VOCAB
 from rgpt.runtime.device import RuntimeSettings
 from rgpt.settings import FLAT, ConfigError, check
 
@@ -54,11 +56,15 @@ class ServeConfig:
     # prompt tokens prefilled per step, between the decode steps of the active replies: a long prompt
     # is taken in chunks, so it delays the others' next token by one chunk's time at most
     prefill_chunk: int = 64
-    # seconds: a stream's new text goes to the web side at most this often while more is being decoded (a
-    # first token and an end at once): each hand-over costs the decoding loop a turn of the GIL (model=small,
-    # one stream: 476 tokens/s at 0.005, 654 at 0.02; 50 updates a second still read as a live stream).
-    # 0: every step
+    # seconds: a stream's new text goes to the web process at most this often while more is being decoded (a
+    # first token and an end at once): each message wakes the web process, which then takes the CPU from the
+    # decoder for a moment (50 updates a second still read as a live stream). 0: every step
     stream_interval: float = 0.02
+    # torch threads of the decoding process while BUSY_ROWS or more replies decode at once (and stream to
+    # their clients); None: `threads` always. One fewer than the cores leaves a core to the web process and
+    # the clients: on 2 cores, busy_threads=1 gave model=small at 16 clients 2,400 tokens/s against 1,800
+    # (its products are small, the web work per token is not) and model=base 1,030 against 1,100 (README)
+    busy_threads: int | None = None
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
@@ -100,6 +106,8 @@ class ServeConfig:
             raise ConfigError("api_key is empty: give a key, or null for none")
         t = self.request_timeout
         check(0 < t <= 3600, "request_timeout", t, "must be a number of seconds in (0, 3600]")
+        b = self.busy_threads
+        check(b is None or (type(b) is int and b >= 1), "busy_threads", b, "must be an integer >= 1 or null")
         t = self.stream_interval
         check(0 <= t <= 1, "stream_interval", t, "must be a number of seconds in [0, 1]")
         self.cors_origins = [str(o).strip().lower() for o in self.cors_origins]
@@ -239,17 +247,32 @@ def _interrupt(signum, frame) -> None:
 
 def serve(c: ServeConfig, device) -> None:
     check_exposure(c)
-    model, tok, path = c.model.open(device)
+    runtime = replace(c.runtime, device=str(device))
+    decoding = {
+        "prefill_chunk": c.prefill_chunk,
+        "hand_over": c.stream_interval,
+        "busy_threads": c.busy_threads,
+    }
+    engine = Engine(c.model, runtime, c.max_active, c.max_queue, decoding)
+    try:
+        _serve(c, engine)
+    finally:
+        engine.shutdown("the server is shutting down")
+
+
+def _serve(c: ServeConfig, engine: Engine) -> None:
+    model = engine.start()  # the decoding process loads the model (rgpt.inference.decoder)
+    path = Path(model["path"])
+    tok = load_tokenizer(path / VOCAB)  # the web side tokenizes the prompts
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     sock = listen(c.host, c.port)
-    engine = Engine(model, tok, c.max_active, c.max_queue, c.prefill_chunk, c.stream_interval)
     service = Service(
         engine=engine,
         tok=tok,
         model_id=c.model_name or model_id(path),
         created=int((path / "state.json").stat().st_mtime),
         decode=c.decode,
-        context_tokens=context_window(model, c.context_tokens),
+        context_tokens=context_window(model["block_size"], c.context_tokens),
         api_key=c.api_key,
         max_tokens_limit=c.max_tokens_limit,
         max_request_bytes=c.max_request_bytes,
@@ -267,8 +290,7 @@ def serve(c: ServeConfig, device) -> None:
     )
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    # the web server in a thread of its own and the decoding loop in this, the main thread: torch's CPU
-    # thread pool decodes at half the speed when driven from another thread (see rgpt/inference/engine.py)
+    # the web server in a thread of its own, and this, the main thread, reads the decoding process
     web_server = uvicorn.Server(config)
     web = threading.Thread(target=web_server.run, kwargs={"sockets": [sock]}, name="rgpt-web", daemon=True)
     web.start()
@@ -278,7 +300,7 @@ def serve(c: ServeConfig, device) -> None:
         print(
             f"rgpt serve: {service.model_id} ({path}) at {url}/ (API: {url}/v1)", file=sys.stderr, flush=True
         )
-        engine.run()  # returns only if the loop died: the web side goes on, answering 503, until Ctrl-C
+        engine.run()  # returns only if the decoder died: the web side goes on, answering 503, until Ctrl-C
         while web.is_alive():
             web.join(0.5)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: open streams end at once, with an error event

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -412,9 +413,11 @@ def test_ctrl_c_stops_a_server_started_with_sigint_ignored(tiny_run, tmp_path):
     """A background job of a script starts with SIGINT ignored, so Python's own Ctrl-C handler is never
     installed; the server sets its own and still ends at once."""
     s = Server(f"checkpoint={tiny_run[1]}", cwd=tmp_path, ignore_sigint=True)
+    decoder = s.decoder()
     start = time.monotonic()
     code, stderr = s.stop(timeout=10)
     assert code == 0 and time.monotonic() - start < 5 and "Traceback" not in stderr, (code, stderr)
+    assert not Path(f"/proc/{decoder}").exists(), "the decoding process outlived the server"
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import select
+import signal
 import socket
 import statistics
 import time
@@ -167,6 +168,7 @@ def test_the_new_settings_are_checked():
         ({"allowed_hosts": ["http://rgpt.test"]}, "is not a host name"),
         ({"prefill_chunk": 0}, "prefill_chunk=0: must be an integer >= 1"),
         ({"stream_interval": -0.1}, "stream_interval=-0.1: must be a number of seconds in [0, 1]"),
+        ({"busy_threads": 0}, "busy_threads=0: must be an integer >= 1 or null"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(ServeConfig, given)
@@ -630,3 +632,24 @@ def test_a_dead_decoding_thread_makes_the_server_answer_503(faulty):
     r = post(faulty, {"model": faulty.model, "messages": ask(Q_HELLO)}, headers=JSON, timeout=5)
     assert error_of(r, 503)["code"] == "server_unavailable" and time.monotonic() - start < 2
     assert any("the decoding loop stopped: Fatal: injected fault" in line for line in faulty.lines)
+
+
+def test_a_killed_decoding_process_makes_the_server_answer_503(tiny_run, tmp_path):
+    """The decoding process killed (out of memory, say): open streams end with an error, /health and new
+    requests answer 503 at once, and Ctrl-C still stops the server cleanly."""
+    server = Server(f"checkpoint={tiny_run[1]}", f"max_tokens_limit={LONG}", cwd=tmp_path)
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=endless(server), timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(server.decoder(), signal.SIGKILL)
+            events = [line for line in lines if line]
+        why = "the decoding loop has stopped (the decoding process exited with code -9)"
+        assert events[-1] == "data: [DONE]" and why in events[-2], events[-2:]
+        r = health(server)
+        assert r.status_code == 503 and "exited with code -9" in r.json()["error"], r.text
+        r = post(server, {"model": server.model, "messages": ask(Q_HELLO)}, headers=JSON, timeout=5)
+        assert error_of(r, 503)["code"] == "server_unavailable"
+    finally:
+        code, stderr = server.stop()
+    assert code == 0 and "Traceback" not in stderr, stderr
