@@ -26,9 +26,9 @@ def pair():
     decoder.close()
 
 
-def ask(web, rid, question, decode=DecodeConfig(), stop=()):
+def ask(web, rid, question, decode=None, stop=()):
     _, tok, _ = trained()
-    send(web, submission(rid, tok.encode_prompt([("user", question)]), decode, stop))
+    send(web, submission(rid, tok.encode_prompt([("user", question)]), decode or DecodeConfig(), stop))
 
 
 def replies(web, decoder: Decoder, n: int, turns=10_000) -> dict:
