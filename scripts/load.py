@@ -1,10 +1,12 @@
 """python scripts/load.py (--checkpoint PATH | --tiny) [--clients 1,8,16,32] [--max-tokens 64]
-                         [--threads 2] [--precision fp32] [--repo PATH] [--bare] [--label NAME]
+                         [--seconds 5] [--threads 2] [--precision fp32] [--repo PATH] [--bare]
+                         [--label NAME]
 
 A load test of python -m rgpt.serve with the official `openai` client: starts the server on loopback,
 then for each number of clients opens that many streaming requests at once (distinct questions: the first
 user turns of the built-in SFT corpus, each sampled with its own seed, min_tokens = max_tokens so every
-reply is as long) and reports, as a Markdown table row per count:
+reply is as long), again in rounds until --seconds (5) have passed, and reports, as a Markdown table row
+per count, over all its rounds:
 
   tokens/s of all clients together (their tokens over the wall time from the first request to the last
   end), the median client's tokens/s, time to first token p50/p95, and inter-token latency p50/p95 (the
@@ -13,7 +15,8 @@ reply is as long) and reports, as a Markdown table row per count:
   share the machine's cores (a server older than the decoding process has all its work in "web").
 
 At the largest count it then asks every question again alone, one after another, and checks that each
-concurrent reply equals its lone reply (none crossed, none changed by its company); a difference fails.
+concurrent reply, in every round, equals its lone reply (none crossed, none changed by its company); a
+difference fails.
 --bare also times the model's own KV-cache decode in this process (rgpt.inference.generate.stream, as
 scripts/bench.py does): the server's one-client tokens/s over it is the serving overhead.
 --repo serves another checkout of rgpt (e.g. a worktree of an older commit: the "before" of a change);
@@ -99,17 +102,23 @@ def server_cpu(pid: int) -> tuple[float, float]:
 
 
 async def at_once(api, model: str, qs: list[str], args) -> dict:
+    """The clients' requests at once, again and again (the same seeds) until --seconds have passed: a
+    round of 16 replies takes under a second, too short for one figure on a shared machine."""
     start, cpu = time.perf_counter(), (server_cpu(args.server_pid), time.process_time())
-    got = await asyncio.gather(*(ask(api, model, q, i, args) for i, q in enumerate(qs)))
+    rounds = []
+    while not rounds or time.perf_counter() - start < args.seconds:
+        rounds.append(await asyncio.gather(*(ask(api, model, q, i, args) for i, q in enumerate(qs))))
     wall = time.perf_counter() - start
     (web, decoder), client_cpu = server_cpu(args.server_pid), time.process_time() - cpu[1]
     web, decoder = web - cpu[0][0], decoder - cpu[0][1]
+    got = [r for replies in rounds for r in replies]
     ttft = [r["times"][0] - r["start"] for r in got if r["times"]]
     gaps = [b - a for r in got for a, b in zip(r["times"], r["times"][1:])]
     return {
-        "replies": got,
+        "rounds": rounds,
         "row": {
             "clients": len(qs),
+            "rounds": len(rounds),
             "tokens/s, all": sum(r["tokens"] or 0 for r in got) / wall,
             "tokens/s, median client": statistics.median(
                 (r["tokens"] or 0) / (r["end"] - r["start"]) for r in got
@@ -121,7 +130,7 @@ async def at_once(api, model: str, qs: list[str], args) -> dict:
             "web CPU %": 100 * web / wall,
             "decoder CPU %": 100 * decoder / wall,
             "client CPU %": 100 * client_cpu / wall,
-            "complete": sum(r["tokens"] == args.max_tokens for r in got),
+            "complete": sum(r["tokens"] == args.max_tokens for r in got) // len(rounds),
         },
     }
 
@@ -135,10 +144,10 @@ async def measure(url: str, model: str, args) -> tuple[list[dict], int]:
     for n in counts:
         got = await at_once(api, model, questions(n), args)
         rows.append(got["row"])
-        together = got["replies"]
+        together = got["rounds"]
         print(f"  {n} clients: {got['row']['tokens/s, all']:.0f} tokens/s", file=sys.stderr, flush=True)
     alone = [await ask(api, model, q, i, args) for i, q in enumerate(questions(counts[-1]))]
-    crossed = sum(t["text"] != a["text"] for t, a in zip(together, alone))
+    crossed = sum(any(t[i]["text"] != a["text"] for t in together) for i, a in enumerate(alone))
     if len({a["text"] for a in alone}) < len(alone) // 2:
         raise SystemExit("too few distinct replies to tell crossed streams apart")
     await api.close()
@@ -185,6 +194,9 @@ def main() -> None:
     which.add_argument("--tiny", action="store_true", help="the tests' tiny model")
     parser.add_argument("--clients", default="1,8,16,32", help="client counts, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (min_tokens too)")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="each count's rounds last this long at least"
+    )
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
     parser.add_argument("--precision", default="fp32", help="the server's precision= (fp32, bf16)")
