@@ -74,7 +74,9 @@ class Engine:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-m", "rgpt.inference.decoder", str(theirs.fileno())]
         # a session of its own: Ctrl-C at a terminal reaches only this process, which then stops it
-        self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL
+        )
         theirs.close()
         self.conn = Connection(ours.detach())
         send(self.conn, self.settings)

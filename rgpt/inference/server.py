@@ -169,8 +169,11 @@ def model_id(path: Path) -> str:
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port and listening (port 0: any free one), or ConfigError."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+        # they are TCP, and the connections accepted here inherit it. With Nagle on, a response written in two
+        # parts (head, then body) waited for the client's delayed ACK: 40 ms on every request, /health too
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
