@@ -99,6 +99,7 @@ class Decoder:
         self.active: list[Job] = []  # admitted to the batcher, in admission order
         self.served = 0
         self.outbox: list[list] = []  # events not yet sent (_flush)
+        self.texts: dict[int, list] = {}  # a reply's text event in the outbox, which more text joins (_post)
         self.urgent = False  # the outbox holds a first text, an end or an error: send it now
         self.told: dict | None = None  # the counts last sent
 
@@ -222,10 +223,18 @@ class Decoder:
         self._post(job, "error", 500, message)
 
     def _post(self, job: Job, *event) -> None:
-        """Hold an event until _flush: a step's events cross to the web side in one message."""
+        """Hold an event until _flush: the events of the steps since cross to the web side in one message,
+        and a reply's text decoded meanwhile as one piece (one chunk of its stream, not one per token: the
+        web process and the client parse each chunk)."""
         if job.cancelled:
             return
+        held = self.texts.get(job.id)
+        if event[0] == "text" and held is not None:
+            held[2] += event[1]
+            return
         self.outbox.append([job.id, *event])
+        if event[0] == "text":
+            self.texts[job.id] = self.outbox[-1]
         if event[0] != "text" or not job.posted:  # an end, an error, or the reply's first text
             self.urgent = True
         job.posted += 1
@@ -241,7 +250,7 @@ class Decoder:
         counts = self.counts()
         if self.outbox or counts != self.told:
             send(self.conn, {"events": self.outbox, "counts": counts})
-            self.outbox, self.told = [], counts
+            self.outbox, self.texts, self.told = [], {}, counts
 
 
 def main(fd: int) -> None:

@@ -146,3 +146,24 @@ def test_the_loop_ends_when_the_web_side_closes_and_says_why_it_died(pair):
     with pytest.raises(SystemExit):
         decoder.run()
     assert receive(web) == {"died": "KeyboardInterrupt: "}
+
+
+def test_text_decoded_between_messages_travels_as_one_piece(pair):
+    """The first text goes at once, then (hand_over not yet passed) a reply's tokens join one text event
+    until its end: a stream's chunks are per message, not per token."""
+    web, end = pair
+    model, tok, _ = trained()
+    decoder = Decoder(model, tok, end, max_active=2, hand_over=3600.0)
+    long = DecodeConfig(max_new_tokens=30, min_new_tokens=30)
+    ask(web, 0, list(ANSWERS)[0], long)
+    ask(web, 1, list(ANSWERS)[1], long)
+    events = []
+    while sum(e[1] == "end" for e in events) < 2:
+        decoder._read(wait=False)
+        decoder._turn()
+        while web.poll():
+            events += receive(web)["events"]
+    for rid in (0, 1):
+        kinds = [e[1] for e in events if e[0] == rid]
+        assert kinds == ["text", "text", "end"], kinds
+        assert [e[3] for e in events if e[0] == rid and e[1] == "end"] == [30]

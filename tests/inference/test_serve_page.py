@@ -32,7 +32,8 @@ new MutationObserver((ms) => { for (const m of ms) if (m.target.closest && m.tar
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     _, ckpt = tiny_run
-    server = Server(f"checkpoint={ckpt}", cwd=tmp_path_factory.mktemp("page"))
+    # stream_interval=0: each step's text is sent at once, so even the tiny model's fast reply comes in pieces
+    server = Server(f"checkpoint={ckpt}", "stream_interval=0", cwd=tmp_path_factory.mktemp("page"))
     yield server
     code, stderr = server.stop()
     assert code == 0 and "Traceback" not in stderr, stderr
