@@ -117,3 +117,27 @@ def test_flop_formula_counts_the_models_matmul_weights():
     T = 5
     expected = 6 * blocks + 6 * head + 12 * cfg.n_layer * T * cfg.n_embd
     assert bm.flops_per_token(cfg, T) == expected, (bm.flops_per_token(cfg, T), expected)
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_on_the_tiny_model():
+    """scripts/load.py --tiny: a row per client count with every reply complete, the web and decoder CPU
+    columns (the decoder's counted), the bare decode, and no reply changed in company. Figures unchecked."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "load.py"),
+        "--tiny",
+        "--clients",
+        "1,4",
+        "--max-tokens",
+        "8",
+    ]
+    cmd += ["--seconds", "0.2", "--threads", "1", "--bare"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"^\| [14] \|", line)]
+    assert [int(r[0]) for r in rows] == [1, 4] and all(int(r[-1]) == int(r[0]) for r in rows), proc.stdout
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("| clients"))
+    assert "web CPU %" in head and "decoder CPU %" in head
+    assert float(rows[1][head.split("|")[1:-1].index(" decoder CPU % ")]) > 0, "the decoder's CPU is counted"
+    assert "bare KV-cache decode" in proc.stdout and "replies that changed in company of 4: 0" in proc.stdout

@@ -45,8 +45,6 @@ from rgpt.inference.batch import Batcher, Event, Row
 from rgpt.inference.conversation import ReplyText
 from rgpt.inference.generate import DecodeConfig
 
-BUSY_ROWS = 4  # replies decoding at once from which busy_threads applies
-
 
 def send(conn: Connection, message: dict) -> None:
     conn.send_bytes(json.dumps(message, ensure_ascii=False).encode())
@@ -79,19 +77,8 @@ class Job:
 class Decoder:
     """The queue of jobs and the loop that decodes them; run() until the web side closes the socket."""
 
-    def __init__(
-        self,
-        model,
-        tok,
-        conn: Connection,
-        max_active: int,
-        prefill_chunk=64,
-        hand_over=0.0,
-        busy_threads=None,
-    ):
+    def __init__(self, model, tok, conn: Connection, max_active: int, prefill_chunk=64, hand_over=0.0):
         self.model, self.tok, self.conn = model, tok, conn
-        self.threads = torch.get_num_threads()
-        self.busy_threads = busy_threads or self.threads  # see _threads
         self.hand_over, self.handed = hand_over, 0.0  # see _flush
         self.max_active = max_active
         self.batcher = Batcher(model, max_active, prefill_chunk)
@@ -146,7 +133,6 @@ class Decoder:
             if job.cancelled and not job.done:
                 self.batcher.drop(job.row)
                 job.done = True
-        self._threads()
         self._step()
         finished = sum(job.done for job in self.active)
         if finished:
@@ -154,13 +140,6 @@ class Decoder:
             self.active = [job for job in self.active if not job.done]
         if self.urgent or time.monotonic() - self.handed >= self.hand_over or not self.active:
             self._flush()
-
-    def _threads(self) -> None:
-        """busy_threads torch threads while BUSY_ROWS or more replies decode, else all: each streams to its
-        client, and the web process that writes the streams needs a core of its own then (ServeConfig)."""
-        want = self.busy_threads if len(self.active) >= BUSY_ROWS else self.threads
-        if want != torch.get_num_threads():
-            torch.set_num_threads(want)
 
     def _admit(self, job: Job) -> None:
         """A waiting job becomes active: its text and its row in the batcher (a failure ends it alone)."""
@@ -272,7 +251,7 @@ def main(fd: int) -> None:
         return send(conn, {"failed": str(e)})
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     send(conn, {"ready": {"path": str(path), "block_size": model.config.block_size}})
-    keys = ("max_active", "prefill_chunk", "hand_over", "busy_threads")
+    keys = ("max_active", "prefill_chunk", "hand_over")
     Decoder(model, tok, conn, **{k: settings[k] for k in keys}).run()
 
 

@@ -60,11 +60,6 @@ class ServeConfig:
     # first token and an end at once): each message wakes the web process, which then takes the CPU from the
     # decoder for a moment (50 updates a second still read as a live stream). 0: every step
     stream_interval: float = 0.02
-    # torch threads of the decoding process while BUSY_ROWS or more replies decode at once (and stream to
-    # their clients); None: `threads` always. One fewer than the cores leaves a core to the web process and
-    # the clients: on 2 cores, busy_threads=1 gave model=small at 16 clients 2,400 tokens/s against 1,800
-    # (its products are small, the web work per token is not) and model=base 1,030 against 1,100 (README)
-    busy_threads: int | None = None
     max_queue: int = 64  # requests waiting for a slot; one more is answered 503 with Retry-After
     # the most max_tokens a request may ask for (the window slides, so long replies work but take long)
     max_tokens_limit: int = 1024
@@ -106,8 +101,6 @@ class ServeConfig:
             raise ConfigError("api_key is empty: give a key, or null for none")
         t = self.request_timeout
         check(0 < t <= 3600, "request_timeout", t, "must be a number of seconds in (0, 3600]")
-        b = self.busy_threads
-        check(b is None or (type(b) is int and b >= 1), "busy_threads", b, "must be an integer >= 1 or null")
         t = self.stream_interval
         check(0 <= t <= 1, "stream_interval", t, "must be a number of seconds in [0, 1]")
         self.cors_origins = [str(o).strip().lower() for o in self.cors_origins]
@@ -251,11 +244,7 @@ def _interrupt(signum, frame) -> None:
 def serve(c: ServeConfig, device) -> None:
     check_exposure(c)
     runtime = replace(c.runtime, device=str(device))
-    decoding = {
-        "prefill_chunk": c.prefill_chunk,
-        "hand_over": c.stream_interval,
-        "busy_threads": c.busy_threads,
-    }
+    decoding = {"prefill_chunk": c.prefill_chunk, "hand_over": c.stream_interval}
     engine = Engine(c.model, runtime, c.max_active, c.max_queue, decoding)
     try:
         _serve(c, engine)

@@ -7,9 +7,8 @@ import threading
 from multiprocessing.connection import Connection
 
 import pytest
-import torch
 
-from rgpt.inference.decoder import BUSY_ROWS, Decoder, receive, send, submission
+from rgpt.inference.decoder import Decoder, receive, send, submission
 from rgpt.inference.generate import DecodeConfig
 from tests.fixtures_ckpt import ANSWERS, trained
 
@@ -96,29 +95,6 @@ def test_a_cancelled_reply_sends_nothing_more_and_frees_its_slot(pair):
     got = replies(web, decoder, 1)
     assert list(got) == [2] and got[2][0] == ANSWERS[list(ANSWERS)[2]]
     assert decoder.counts() == {"active": 0, "queued": 0, "served": 2}  # 0 (dropped) and 2
-
-
-def test_busy_threads_apply_while_many_replies_decode(pair):
-    web, end = pair
-    model, tok, _ = trained()
-    torch.set_num_threads(2)  # one_thread restores 1 afterwards
-    decoder = Decoder(model, tok, end, max_active=8, busy_threads=1)
-    seen = []
-    real_step = decoder._step
-
-    def step():
-        seen.append((len(decoder.active), torch.get_num_threads()))
-        real_step()
-
-    decoder._step = step
-    long = DecodeConfig(max_new_tokens=8, min_new_tokens=8)
-    for rid in range(BUSY_ROWS):
-        ask(web, rid, list(ANSWERS)[rid % len(ANSWERS)], long)
-    replies(web, decoder, BUSY_ROWS)
-    ask(web, 9, list(ANSWERS)[0], long)
-    replies(web, decoder, 1)
-    assert {threads for rows, threads in seen if rows >= BUSY_ROWS} == {1}
-    assert {threads for rows, threads in seen if 0 < rows < BUSY_ROWS} == {2}
 
 
 def test_the_loop_ends_when_the_web_side_closes_and_says_why_it_died(pair):

@@ -169,7 +169,6 @@ def test_the_new_settings_are_checked():
         ({"allowed_hosts": ["http://rgpt.test"]}, "is not a host name"),
         ({"prefill_chunk": 0}, "prefill_chunk=0: must be an integer >= 1"),
         ({"stream_interval": -0.1}, "stream_interval=-0.1: must be a number of seconds in [0, 1]"),
-        ({"busy_threads": 0}, "busy_threads=0: must be an integer >= 1 or null"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load(ServeConfig, given)
