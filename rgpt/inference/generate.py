@@ -124,8 +124,11 @@ def draw(probs, generator=None, cdf=None, u=None):
     if u is None:
         u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    drawn = probs.gather(-1, ids) > 0
+    if bool(drawn.all()):  # (the argmax below reads every row whole: only when it is needed)
+        return ids.squeeze(-1)
     # a zero-probability id can only come from rounding at the very top of the CDF: take the likeliest
-    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(drawn, ids, probs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
