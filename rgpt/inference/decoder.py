@@ -235,9 +235,11 @@ class Decoder:
 def main(fd: int) -> None:
     """The process's life: settings, the model, "ready" (or a one-line "failed"), then the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the web process's to handle: it stops this one
-    from rgpt.cli import user_errors
+    from rgpt.data import CorpusError
     from rgpt.inference.load import ModelChoice
+    from rgpt.runtime.checkpoint import CheckpointError
     from rgpt.runtime.device import RuntimeSettings
+    from rgpt.settings import ConfigError
 
     conn = Connection(fd)
     try:
@@ -247,7 +249,7 @@ def main(fd: int) -> None:
     try:
         device = RuntimeSettings(**settings["runtime"]).apply()
         model, tok, path = ModelChoice(**settings["model"]).open(device)
-    except user_errors() as e:
+    except (ConfigError, CorpusError, CheckpointError) as e:  # the user's to fix (as rgpt.cli reports them)
         return send(conn, {"failed": str(e)})
     tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
     send(conn, {"ready": {"path": str(path), "block_size": model.config.block_size}})
