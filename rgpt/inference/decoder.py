@@ -244,15 +244,15 @@ def main(fd: int) -> None:
     conn = Connection(fd)
     try:
         settings = receive(conn)
-    except EOFError:
+        try:
+            device = RuntimeSettings(**settings["runtime"]).apply()
+            model, tok, path = ModelChoice(**settings["model"]).open(device)
+        except (ConfigError, CorpusError, CheckpointError) as e:  # the user's to fix (as rgpt.cli says them)
+            return send(conn, {"failed": str(e)})
+        tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): not in the first request
+        send(conn, {"ready": {"path": str(path), "block_size": model.config.block_size}})
+    except (EOFError, ConnectionError):  # the web process stopped while this one was starting (Ctrl-C)
         return
-    try:
-        device = RuntimeSettings(**settings["runtime"]).apply()
-        model, tok, path = ModelChoice(**settings["model"]).open(device)
-    except (ConfigError, CorpusError, CheckpointError) as e:  # the user's to fix (as rgpt.cli reports them)
-        return send(conn, {"failed": str(e)})
-    tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): before the first request, not in it
-    send(conn, {"ready": {"path": str(path), "block_size": model.config.block_size}})
     keys = ("max_active", "prefill_chunk", "hand_over")
     Decoder(model, tok, conn, **{k: settings[k] for k in keys}).run()
 
