@@ -38,7 +38,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' server helper and tiny model
 from rgpt.data import CORPUS_DIR  # noqa: E402
-from tests.fixtures_serve import Server  # noqa: E402
+from tests.fixtures_serve import Server, children  # noqa: E402
 
 
 def questions(n: int) -> list[str]:
@@ -96,9 +96,7 @@ def cpu_seconds(pid: int) -> float:
 
 def server_cpu(pid: int) -> tuple[float, float]:
     """CPU seconds of the server's web process and of its decoding process (its child; 0 if it has none)."""
-    tasks = Path(f"/proc/{pid}/task")
-    children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
-    return cpu_seconds(pid), sum(cpu_seconds(c) for c in children)
+    return cpu_seconds(pid), sum(cpu_seconds(c) for c in children(pid))
 
 
 async def at_once(api, model: str, qs: list[str], args) -> dict:

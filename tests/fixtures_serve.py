@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 BANNER = re.compile(r"rgpt serve: (\S+) \(.*\) at (http://127\.0\.0\.1:\d+)/")
 
@@ -48,10 +49,9 @@ class Server:
 
     def decoder(self) -> int:
         """The pid of the server's decoding process (rgpt.inference.decoder), its one child."""
-        tasks = f"/proc/{self.proc.pid}/task"
-        children = [int(p) for t in os.listdir(tasks) for p in open(f"{tasks}/{t}/children").read().split()]
-        assert len(children) == 1, children
-        return children[0]
+        found = children(self.proc.pid)
+        assert len(found) == 1, found
+        return found[0]
 
     def stop(self, timeout=20.0) -> tuple[int, str]:
         if self.proc.poll() is None:
@@ -62,3 +62,9 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode, "".join(self.lines)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux /proc: those of each of its threads)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]

@@ -78,7 +78,7 @@ class Decoder:
     """The queue of jobs and the loop that decodes them; run() until the web side closes the socket."""
 
     def __init__(self, model, tok, conn: Connection, max_active: int, prefill_chunk=64, hand_over=0.0):
-        self.model, self.tok, self.conn = model, tok, conn
+        self.tok, self.conn = tok, conn
         self.hand_over, self.handed = hand_over, 0.0  # see _flush
         self.max_active = max_active
         self.batcher = Batcher(model, max_active, prefill_chunk)

@@ -168,8 +168,8 @@ class Engine:
             self.told = message["counts"]
 
     def _hand_over(self, events: list) -> None:
-        """Each event to its reply's queue, on the reply's event loop: one wake-up of each loop per message."""
-        by_loop: dict = {}
+        """The decoder's events, each to its open reply (an end or an error closes it)."""
+        items = []
         with self.lock:
             for rid, *event in events:
                 reply = self.open.get(rid)
@@ -177,12 +177,8 @@ class Engine:
                     continue
                 if event[0] != "text":
                     del self.open[rid]
-                by_loop.setdefault(reply.loop, []).append((reply, tuple(event)))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put, items)
-            except RuntimeError:  # the event loop has closed (the server is shutting down)
-                pass
+                items.append((reply, tuple(event)))
+        _to_loops(items)
 
     def _die(self, why: str) -> None:
         print(
@@ -197,13 +193,20 @@ class Engine:
 
     def _end_all(self, why: str) -> None:
         """End every open reply with a 503 (the lock is held)."""
-        items = [(reply, ("error", 503, why)) for reply in self.open.values()]
+        _to_loops([(reply, ("error", 503, why)) for reply in self.open.values()])
         self.open = {}
-        for reply, event in items:
-            try:
-                reply.loop.call_soon_threadsafe(_put, [(reply, event)])
-            except RuntimeError:
-                pass
+
+
+def _to_loops(items: list) -> None:
+    """(reply, event) pairs to the replies' queues, on each reply's event loop: one wake-up of each loop."""
+    by_loop: dict = {}
+    for reply, event in items:
+        by_loop.setdefault(reply.loop, []).append((reply, event))
+    for loop, theirs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put, theirs)
+        except RuntimeError:  # the event loop has closed (the server is shutting down)
+            pass
 
 
 def _put(items: list) -> None:

@@ -248,8 +248,8 @@ def serve(c: ServeConfig, device) -> None:
     engine = Engine(c.model, runtime, c.max_active, c.max_queue, decoding)
     try:
         _serve(c, engine)
-    finally:
-        engine.shutdown("the server is shutting down")
+    finally:  # _serve ends the streams before the web server stops; this stops the decoder if _serve failed
+        engine.shutdown("the server is shutting down")  # earlier (a no-op the second time)
 
 
 def _serve(c: ServeConfig, engine: Engine) -> None:
