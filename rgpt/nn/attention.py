@@ -232,24 +232,28 @@ class CausalSelfAttention(Layer):
         bool, L > max(pos) the positions attention spans: True at those a row has not reached
         (GPT.forward_rows makes it once for all layers). The same products as forward_cached, each row
         masked at its own length: a row's result does not depend on the other rows (up to the rounding of a
-        larger product).
+        larger product). A lone reply comes as pos an int and later None: it spans exactly its own keys, so
+        nothing is masked, and its key and value are written by slicing (the same numbers, fewer ops).
         """
         B, _, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_size
         q, k, v = self._heads(self.c_attn.forward(x))  # (B, H, 1, D), (B, Hkv, 1, D) twice
+        lone = later is None
         if self.rotary is not None:
-            q, k = self.rotary.rotate_at(q, pos), self.rotary.rotate_at(k, pos)
+            turn = self.rotary.rotate if lone else self.rotary.rotate_at
+            q, k = turn(q, pos), turn(k, pos)
         low, wide = q.dtype, cache.k.dtype
-        rows = torch.arange(B, device=x.device)
-        cache.k[rows, :, pos] = k[:, :, 0].to(wide)  # (B, Hkv, D) written at each row's own position
-        cache.v[rows, :, pos] = v[:, :, 0].to(wide)
-        n_keys = later.shape[1]
+        at = (0, slice(None), pos) if lone else (torch.arange(B, device=x.device), slice(None), pos)
+        cache.k[at] = k[:, :, 0].to(wide)  # (B, Hkv, D) written at each row's own position
+        cache.v[at] = v[:, :, 0].to(wide)
+        n_keys = pos + 1 if lone else later.shape[1]
         keys, values = cache.k[:B, :, :n_keys], cache.v[:B, :, :n_keys]  # (B, Hkv, L, D): views, no copy
         # the query heads that share a kv head side by side, (B, Hkv, H / Hkv, D): no repeat_kv copy
         qg = q.reshape(B, Hkv, H // Hkv, D).to(wide)
         scores = torch.matmul(qg, keys.transpose(-2, -1)).to(low).to(wide)  # (B, Hkv, H / Hkv, L)
         scores.mul_(1.0 / math.sqrt(D))
-        scores.masked_fill_(later[:, None, None], float("-inf"))
+        if not lone:
+            scores.masked_fill_(later[:, None, None], float("-inf"))
         att = torch.softmax(scores, dim=-1).to(low).to(wide)
         y = torch.matmul(att, values).to(low)  # (B, Hkv, H / Hkv, D)
         return self.c_proj.forward(y.reshape(B, 1, C))

@@ -374,10 +374,13 @@ class GPT:
             raise ValueError(
                 f"KV cache overflow: position {last} with attention over {n_keys} of the caches' {room} positions"
             )
+        if idx.shape[0] == 1 and n_keys == last + 1:  # a lone reply at its own length: nothing to mask
+            pos, later = last, None  # (the attention takes an int position for it: see its forward_rows)
+        else:
+            later = torch.arange(n_keys, device=pos.device)[None, :] > pos[:, None]  # (B, L): not written yet
         x = self.wte.forward(idx[:, None])  # (B, 1, C)
         if self.wpe is not None:
-            x = x + self.wpe[pos][:, None]
-        later = torch.arange(n_keys, device=pos.device)[None, :] > pos[:, None]  # (B, L): not written yet
+            x = x + (self.wpe[pos : pos + 1] if later is None else self.wpe[pos])[:, None]
         for block, cache in zip(self.h, caches):
             x = block.forward_rows(x, cache, pos, later)
         return self.lm_head.forward(self.ln_f.forward(x))[:, 0]  # (B, V)

@@ -68,6 +68,19 @@ def test_a_batched_step_gives_each_reply_its_lone_logits(arch):
         torch.testing.assert_close(got[i], lone_logits(model, p, t), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ARCHS_GQA)
+def test_a_lone_reply_takes_the_unmasked_path_and_gets_its_lone_logits(arch):
+    """One row spanning exactly its own keys (the lone reply's fast path: an int position, no mask, its
+    key and value written by slicing) and the same row spanning more keys, masked (the general path)."""
+    model = tiny_model(**ARCHS_GQA[arch])
+    for p in (p for p in prompts(8) if len(p) < model.config.block_size - 1):
+        lone = lone_logits(model, p, 4)
+        fast = slab_logits(model, [p], [4], slots=3)[0]
+        masked = slab_logits(model, [p], [4], slots=3, n_keys=len(p) + 2)[0]
+        torch.testing.assert_close(fast, lone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(masked, lone, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("arch", ARCHS_GQA)
 def test_in_float32_company_changes_logits_by_less_than_1e_5(arch, packed):
