@@ -1,6 +1,6 @@
 """python scripts/load.py (--checkpoint PATH | --tiny) [--clients 1,8,16,32] [--max-tokens 64]
                          [--seconds 5] [--threads 2] [--precision fp32] [--repo PATH] [--bare]
-                         [--label NAME]
+                         [--ceiling] [--label NAME]
 
 A load test of python -m rgpt.serve with the official `openai` client: starts the server on loopback,
 then for each number of clients opens that many streaming requests at once (distinct questions: the first
@@ -19,6 +19,10 @@ concurrent reply, in every round, equals its lone reply (none crossed, none chan
 difference fails.
 --bare also times the model's own KV-cache decode in this process (rgpt.inference.generate.stream, as
 scripts/bench.py does): the server's one-client tokens/s over it is the serving overhead.
+--ceiling then measures what the decoding itself allows at each count: a Batcher decoding the same
+replies in this process (no HTTP, no JSON, the same threads), once alone on the machine and once beside a
+process that spins for the share of a core the web process and the clients took at that count in the
+server run (on a small machine they take it from the decoding's threads).
 --repo serves another checkout of rgpt (e.g. a worktree of an older commit: the "before" of a change);
 its server is given only the keys every version knows.
 --tiny serves the tests' tiny model (2 layers, 32 wide, trained in seconds) instead of a checkpoint.
@@ -26,6 +30,7 @@ its server is given only the keys every version knows.
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -175,6 +180,73 @@ def bare_decode(checkpoint, args) -> float:
     return n / statistics.median(times)
 
 
+SPIN = """
+import sys, time
+share, period = float(sys.argv[1]), 0.01
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < share * period:
+        pass
+    time.sleep((1 - share) * period)
+"""
+
+
+def in_process(checkpoint, args, rows: list[dict]) -> list[dict]:
+    """The ceiling at each count: a Batcher decoding the same replies in this process (no HTTP, no JSON,
+    the same threads), alone on the machine and beside a process that spins for the share of a core the
+    web process and the clients took at that count (they share the cores with the decoding in the server)."""
+    import subprocess
+
+    import torch
+
+    from rgpt.inference.batch import Batcher, Row
+    from rgpt.inference.generate import DecodeConfig
+    from rgpt.inference.load import open_model
+
+    torch.set_num_threads(args.threads)
+    invariant = "batch_invariant=true" in args.serve
+    model, tok, _ = open_model(checkpoint, None, "cpu", args.precision, invariant)
+    n_tok = args.max_tokens
+
+    def rate(n: int) -> float:  # tokens/s of rounds of n replies, for --seconds
+        prompts = [tok.encode_prompt([("user", q)]) for q in questions(n)]
+        start, tokens = time.perf_counter(), 0
+        while not tokens or time.perf_counter() - start < args.seconds:
+            batcher = Batcher(model, n)
+            for i, prompt in enumerate(prompts):
+                cfg = DecodeConfig(
+                    method="sample", temperature=args.temperature, seed=i, max_new_tokens=n_tok
+                )
+                batcher.add(Row(prompt, dataclasses.replace(cfg, min_new_tokens=n_tok)))
+            while len(batcher):
+                tokens += sum(e.token is not None for e in batcher.step())
+        return tokens / (time.perf_counter() - start)
+
+    out = []
+    with torch.no_grad():
+        rate(1)  # warm-up
+        for r in rows:
+            n, share = r["clients"], min(0.95, (r["web CPU %"] + r["client CPU %"]) / 100)
+            idle = rate(n)
+            spin = subprocess.Popen([sys.executable, "-c", SPIN, str(share)])
+            try:
+                busy = rate(n)
+            finally:
+                spin.kill()
+                spin.wait()
+            out.append(
+                {
+                    "clients": n,
+                    "server tokens/s": r["tokens/s, all"],
+                    "in-process, idle": idle,
+                    "spinning %": 100 * share,
+                    "in-process, beside the spin": busy,
+                    "server ÷ that %": 100 * r["tokens/s, all"] / busy,
+                }
+            )
+    return out
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -200,6 +272,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="the server's precision= (fp32, bf16)")
     parser.add_argument("--repo", help="serve this checkout of rgpt instead (its server gets no precision=)")
     parser.add_argument("--bare", action="store_true", help="also time the bare KV-cache decode")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also the in-process decode, idle and beside a spin"
+    )
     parser.add_argument("--label", default="", help="a name for this run in the output")
     parser.add_argument("serve", nargs="*", help="more key=value settings for the server (not with --repo)")
     args = parser.parse_args()
@@ -220,6 +295,7 @@ def main() -> None:
         finally:
             code, stderr = server.stop()
         bare = bare_decode(checkpoint, args) if args.bare else None
+        ceiling = in_process(checkpoint, args, rows) if args.ceiling else None
     print(
         f"\n{args.label or 'server'}: {server.model} ({checkpoint}), {args.max_tokens} tokens a reply, "
         f"threads={args.threads}, precision={'(default)' if args.repo else args.precision}"
@@ -235,6 +311,18 @@ def main() -> None:
             + (f"; one client through the server: {one / bare:.0%} of it" if one else "")
         )
     print(f"  replies that changed in company of {max(args.clients)}: {crossed}")
+    if ceiling:
+        print(
+            "\nThe ceiling: this checkout's Batcher in-process, alone and beside a spin at the share of a core"
+        )
+        print("the web process and the clients took at each count\n" + table(ceiling))
+        one = ceiling[0] if ceiling[0]["clients"] == 1 else None
+        for c in ceiling[1:] if one else ():
+            idle, busy = c["in-process, idle"], c["in-process, beside the spin"]
+            print(
+                f"  {c['clients']} rows ÷ 1 row in-process: {idle / one['in-process, idle']:.2f}x idle, "
+                f"{busy / one['in-process, beside the spin']:.2f}x beside the spins"
+            )
     if crossed or any(r["complete"] != r["clients"] for r in rows) or code != 0:
         print(f"FAILED (server exit {code}):\n{stderr}", file=sys.stderr)
         sys.exit(1)

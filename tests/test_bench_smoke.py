@@ -122,7 +122,8 @@ def test_flop_formula_counts_the_models_matmul_weights():
 @pytest.mark.slow
 def test_the_load_test_runs_on_the_tiny_model():
     """scripts/load.py --tiny: a row per client count with every reply complete, the web and decoder CPU
-    columns (the decoder's counted), the bare decode, and no reply changed in company. Figures unchecked."""
+    columns (the decoder's counted), the bare decode, no reply changed in company, and the in-process
+    ceiling at each count, idle and beside a spin. Figures unchecked."""
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "load.py"),
@@ -132,12 +133,16 @@ def test_the_load_test_runs_on_the_tiny_model():
         "--max-tokens",
         "8",
     ]
-    cmd += ["--seconds", "0.2", "--threads", "1", "--bare"]
+    cmd += ["--seconds", "0.2", "--threads", "1", "--bare", "--ceiling"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if re.match(r"^\| [14] \|", line)]
+    served, ceiling = proc.stdout.split("The ceiling")
+    rows = [line.split("|")[1:-1] for line in served.splitlines() if re.match(r"^\| [14] \|", line)]
     assert [int(r[0]) for r in rows] == [1, 4] and all(int(r[-1]) == int(r[0]) for r in rows), proc.stdout
     head = next(line for line in proc.stdout.splitlines() if line.startswith("| clients"))
     assert "web CPU %" in head and "decoder CPU %" in head
     assert float(rows[1][head.split("|")[1:-1].index(" decoder CPU % ")]) > 0, "the decoder's CPU is counted"
     assert "bare KV-cache decode" in proc.stdout and "replies that changed in company of 4: 0" in proc.stdout
+    limits = [line.split("|")[1:-1] for line in ceiling.splitlines() if re.match(r"^\| [14] \|", line)]
+    assert [int(r[0]) for r in limits] == [1, 4] and all(float(r[2]) > 0 and float(r[4]) > 0 for r in limits)
+    assert "4 rows ÷ 1 row in-process" in ceiling
