@@ -30,7 +30,6 @@ its server is given only the keys every version knows.
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import statistics
@@ -157,14 +156,19 @@ async def measure(url: str, model: str, args) -> tuple[list[dict], int]:
     return rows, crossed
 
 
-def as_the_decoder(args) -> None:
-    """This process's threads and allocator as the server's decoding process sets them (RuntimeSettings:
-    allocator=keep unless the server keys say otherwise; the default lets every fresh block of 128 KiB
-    or more be mapped and zeroed again, e.g. 16 rows' float64 CDF: 1 ms instead of 0.1)."""
+def open_as_the_decoder(checkpoint, args):
+    """(model, tokenizer) opened in this process as the server's decoding process opens them: its threads,
+    its allocator (keep unless the server keys say otherwise: glibc's default maps and zeroes every fresh
+    block of 128 KiB or more again, e.g. 16 rows' float64 CDF: 1 ms instead of 0.1), its precision and
+    batch_invariant."""
+    from rgpt.inference.load import open_model
     from rgpt.runtime.device import RuntimeSettings
 
     keys = dict(k.split("=", 1) for k in args.serve if "=" in k)
     RuntimeSettings(device="cpu", threads=args.threads, allocator=keys.get("allocator", "keep")).apply()
+    invariant = keys.get("batch_invariant") == "true"
+    model, tok, _ = open_model(checkpoint, None, "cpu", args.precision, invariant)
+    return model, tok
 
 
 def bare_decode(checkpoint, args) -> float:
@@ -172,12 +176,9 @@ def bare_decode(checkpoint, args) -> float:
     import torch
 
     from rgpt.inference.generate import DecodeConfig, generate
-    from rgpt.inference.load import open_model
 
-    as_the_decoder(args)
     with torch.no_grad():
-        invariant = "batch_invariant=true" in args.serve  # timed as the server decodes
-        model, tok, _ = open_model(checkpoint, None, "cpu", args.precision, invariant)
+        model, tok = open_as_the_decoder(checkpoint, args)  # timed as the server decodes
         prompt = tok.encode_prompt([("user", questions(1)[0])])
         n = args.max_tokens
         cfg = DecodeConfig(max_new_tokens=n, min_new_tokens=n)
@@ -211,11 +212,8 @@ def in_process(checkpoint, args, rows: list[dict]) -> list[dict]:
 
     from rgpt.inference.batch import Batcher, Row
     from rgpt.inference.generate import DecodeConfig
-    from rgpt.inference.load import open_model
 
-    as_the_decoder(args)
-    invariant = "batch_invariant=true" in args.serve
-    model, tok, _ = open_model(checkpoint, None, "cpu", args.precision, invariant)
+    model, tok = open_as_the_decoder(checkpoint, args)
     n_tok = args.max_tokens
 
     def rate(n: int) -> float:  # tokens/s of rounds of n replies, for --seconds
@@ -225,9 +223,13 @@ def in_process(checkpoint, args, rows: list[dict]) -> list[dict]:
             batcher = Batcher(model, n)
             for i, prompt in enumerate(prompts):
                 cfg = DecodeConfig(
-                    method="sample", temperature=args.temperature, seed=i, max_new_tokens=n_tok
+                    method="sample",
+                    temperature=args.temperature,
+                    seed=i,
+                    max_new_tokens=n_tok,
+                    min_new_tokens=n_tok,
                 )
-                batcher.add(Row(prompt, dataclasses.replace(cfg, min_new_tokens=n_tok)))
+                batcher.add(Row(prompt, cfg))
             while len(batcher):
                 tokens += sum(e.token is not None for e in batcher.step())
         return tokens / (time.perf_counter() - start)
