@@ -100,10 +100,11 @@ class Conversation:
 
 def context_window(block_size: int, context_tokens: int | None) -> int:
     """Tokens of prompt + reply a conversation keeps: context_tokens, or the model's whole window."""
-    n = block_size
-    if context_tokens is not None and context_tokens > n:
-        raise ConfigError(f"context_tokens={context_tokens} exceeds the model's window of {n} tokens")
-    return context_tokens or n
+    if context_tokens is not None and context_tokens > block_size:
+        raise ConfigError(
+            f"context_tokens={context_tokens} exceeds the model's window of {block_size} tokens"
+        )
+    return context_tokens or block_size
 
 
 def prompt_budget(context_tokens: int, max_new_tokens: int) -> int:

@@ -249,7 +249,6 @@ def main(fd: int) -> None:
             model, tok, path = ModelChoice(**settings["model"]).open(device)
         except (ConfigError, CorpusError, CheckpointError) as e:  # the user's to fix (as rgpt.cli says them)
             return send(conn, {"failed": str(e)})
-        tok.encode("你好")  # jieba loads its dictionary on first use (~1 s): not in the first request
         send(conn, {"ready": {"path": str(path), "block_size": model.config.block_size}})
     except (EOFError, ConnectionError):  # the web process stopped while this one was starting (Ctrl-C)
         return
